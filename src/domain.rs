@@ -1,0 +1,805 @@
+//! Domain types shared by every part of the pipeline: time, contact keys, input events,
+//! per-contact state and the stage changes the lifecycle engine emits.
+//!
+//! Pure data. Nothing here knows about Kafka, Avro, JSON framing or the clock: wire formats
+//! convert to and from these types in `codec`, and the current time is always an argument.
+
+use std::fmt;
+
+use compact_str::CompactString;
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds in a day; day boundaries are UTC.
+pub const MILLIS_PER_DAY: i64 = 86_400_000;
+
+/// An instant, in milliseconds since the Unix epoch (UTC).
+///
+/// Event time is carried in events and passed to the core explicitly; the core never reads a
+/// clock. Milliseconds keep the order of events within a second, which the Kafka timestamp and
+/// RFC 3339 inputs both carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    /// The earliest instant accepted from inputs: 1970-01-01T00:00:00Z.
+    pub const MIN_VALID: Timestamp = Timestamp(0);
+    /// The latest instant accepted from inputs: 2200-01-01T00:00:00Z. Anything later is an
+    /// absurd timestamp (a unit mix-up or a sentinel value) and is rejected at the edge.
+    pub const MAX_VALID: Timestamp = Timestamp(7_258_118_400_000);
+
+    /// A time that never comes: "no timer".
+    pub const NEVER: Timestamp = Timestamp(i64::MAX);
+
+    /// Wraps milliseconds since the epoch.
+    pub const fn from_millis(millis: i64) -> Self {
+        Timestamp(millis)
+    }
+
+    /// Milliseconds since the epoch.
+    pub const fn millis(self) -> i64 {
+        self.0
+    }
+
+    /// Whole seconds since the epoch (floor).
+    pub const fn secs(self) -> i64 {
+        self.0.div_euclid(1000)
+    }
+
+    /// The UTC day number (days since 1970-01-01), used for "distinct purchase days".
+    pub const fn day(self) -> i64 {
+        self.0.div_euclid(MILLIS_PER_DAY)
+    }
+
+    /// Midnight UTC of a day number.
+    pub const fn from_day(day: i64) -> Self {
+        Timestamp(day * MILLIS_PER_DAY)
+    }
+
+    /// Adds a signed number of milliseconds, saturating at the representable range.
+    pub const fn plus_millis(self, millis: i64) -> Self {
+        Timestamp(self.0.saturating_add(millis))
+    }
+
+    /// `self - earlier` in milliseconds (negative when `earlier` is later).
+    pub const fn millis_since(self, earlier: Timestamp) -> i64 {
+        self.0.saturating_sub(earlier.0)
+    }
+
+    /// `self - earlier` in fractional days.
+    pub fn days_since(self, earlier: Timestamp) -> f64 {
+        self.millis_since(earlier) as f64 / MILLIS_PER_DAY as f64
+    }
+
+    /// True for instants inside the accepted input range.
+    pub fn is_plausible(self) -> bool {
+        (Self::MIN_VALID..=Self::MAX_VALID).contains(&self)
+    }
+}
+
+/// Converts a fractional number of days to milliseconds, rounding to the nearest millisecond and
+/// saturating, so configuration such as "30 days" becomes an exact duration.
+pub fn days_to_millis(days: f64) -> i64 {
+    let millis = (days * MILLIS_PER_DAY as f64).round();
+    if millis.is_nan() {
+        0
+    } else {
+        millis.clamp(i64::MIN as f64, i64::MAX as f64) as i64
+    }
+}
+
+/// Which identifier a contact is known by.
+///
+/// Identified contacts are keyed by `contact_id`; anonymous clickstream (no `contact_id`) by the
+/// browser's `anonymous_id`. The two id spaces are kept apart so an anonymous id can never be
+/// mistaken for a contact id that happens to have the same text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContactKey {
+    /// The id text.
+    pub id: CompactString,
+    /// True when `id` is an `anonymous_id`.
+    pub anonymous: bool,
+}
+
+impl ContactKey {
+    /// A key for an identified contact.
+    pub fn contact(id: impl Into<CompactString>) -> Self {
+        ContactKey {
+            id: id.into(),
+            anonymous: false,
+        }
+    }
+
+    /// A key for an anonymous visitor.
+    pub fn anonymous(id: impl Into<CompactString>) -> Self {
+        ContactKey {
+            id: id.into(),
+            anonymous: true,
+        }
+    }
+}
+
+impl fmt::Display for ContactKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.anonymous {
+            write!(f, "anonymous:{}", self.id)
+        } else {
+            f.write_str(&self.id)
+        }
+    }
+}
+
+/// The three input streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Website and app behaviour.
+    Clickstream,
+    /// Conversions reported by ad platforms.
+    AdConversion,
+    /// Orders from the shop system.
+    Purchase,
+}
+
+impl Source {
+    /// Every source, in contract order.
+    pub const ALL: [Source; 3] = [Source::Clickstream, Source::AdConversion, Source::Purchase];
+
+    /// The contract name (`clickstream`, `ad_conversion`, `purchase`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Source::Clickstream => "clickstream",
+            Source::AdConversion => "ad_conversion",
+            Source::Purchase => "purchase",
+        }
+    }
+
+    /// Parses a contract name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|source| source.as_str() == name)
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+macro_rules! name_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            /// Every variant, in contract order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The contract name.
+            pub const fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// Parses a contract name.
+            pub fn parse(name: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|value| value.as_str() == name)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                $name::parse(&text).ok_or_else(|| {
+                    let expected: Vec<&str> = Self::ALL.iter().map(|value| value.as_str()).collect();
+                    serde::de::Error::custom(format_args!(
+                        "unknown {} `{}`, expected one of: {}",
+                        stringify!($name), text, expected.join(", ")
+                    ))
+                })
+            }
+        }
+    };
+}
+
+name_enum! {
+    /// What happened on the website or app.
+    ClickType {
+        /// Any page.
+        PageView => "page_view",
+        /// A product detail page.
+        ProductView => "product_view",
+        /// A product put in the cart.
+        AddToCart => "add_to_cart",
+        /// Checkout opened.
+        CheckoutStarted => "checkout_started",
+        /// Payment details entered.
+        PaymentInfoAdded => "payment_info_added",
+        /// Account created: the visitor is identified.
+        Signup => "signup",
+        /// A form (newsletter, contact, lead form) sent: identified.
+        FormSubmitted => "form_submitted",
+        /// The contact referred somebody.
+        Referral => "referral",
+        /// The contact wrote a review.
+        Review => "review",
+        /// Sales or support marked the contact as not a prospect.
+        Disqualified => "disqualified",
+        /// The contact opted out of marketing.
+        Unsubscribed => "unsubscribed",
+    }
+}
+
+name_enum! {
+    /// The ad platform that reported a conversion.
+    Platform {
+        /// Meta (Facebook, Instagram).
+        Meta => "meta",
+        /// TikTok.
+        Tiktok => "tiktok",
+        /// Google Ads.
+        Google => "google",
+        /// Anything else.
+        Other => "other",
+    }
+}
+
+name_enum! {
+    /// The state of an order.
+    PurchaseStatus {
+        /// Paid and not returned.
+        Completed => "completed",
+        /// Money returned in full.
+        Refunded => "refunded",
+        /// Cancelled before fulfilment.
+        Cancelled => "cancelled",
+    }
+}
+
+/// A clickstream event's own fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Click {
+    /// What happened.
+    pub kind: ClickType,
+    /// Page URL.
+    pub url: Option<String>,
+    /// Browser user agent, kept for ad-platform matching.
+    pub user_agent: Option<String>,
+    /// Client IP address, kept for ad-platform matching.
+    pub ip: Option<String>,
+    /// Email as entered (normalised and hashed only at the edge that sends it out).
+    pub email: Option<String>,
+    /// Phone as entered.
+    pub phone: Option<String>,
+    /// Meta click id cookie (`_fbc`).
+    pub fbc: Option<String>,
+    /// Meta browser id cookie (`_fbp`).
+    pub fbp: Option<String>,
+    /// TikTok click id.
+    pub ttclid: Option<String>,
+    /// Campaign the visit came from.
+    pub campaign_id: Option<String>,
+}
+
+impl Click {
+    /// A click of the given type with no optional fields.
+    pub fn new(kind: ClickType) -> Self {
+        Click {
+            kind,
+            url: None,
+            user_agent: None,
+            ip: None,
+            email: None,
+            phone: None,
+            fbc: None,
+            fbp: None,
+            ttclid: None,
+            campaign_id: None,
+        }
+    }
+}
+
+/// A conversion reported by an ad platform.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdConversion {
+    /// Which platform reported it.
+    pub platform: Platform,
+    /// The platform's event name (`Lead`, `CompleteRegistration`, `InitiateCheckout`, `Purchase`, ...).
+    pub event_name: CompactString,
+    /// Campaign id.
+    pub campaign_id: Option<String>,
+    /// Ad id.
+    pub ad_id: Option<String>,
+    /// Platform click id.
+    pub click_id: Option<String>,
+    /// Conversion value.
+    pub value: Option<f64>,
+    /// ISO 4217 currency of `value`.
+    pub currency: Option<String>,
+}
+
+/// An order event from the shop system.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Purchase {
+    /// The shop's order id (also the ad platforms' dedup id).
+    pub order_id: CompactString,
+    /// Order amount, never negative.
+    pub amount: f64,
+    /// ISO 4217 currency.
+    pub currency: CompactString,
+    /// Completed, refunded or cancelled.
+    pub status: PurchaseStatus,
+}
+
+/// The source-specific part of an event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventBody {
+    /// From the clickstream topic.
+    Click(Click),
+    /// From the ad-conversions topic.
+    AdConversion(AdConversion),
+    /// From the purchases topic.
+    Purchase(Purchase),
+}
+
+/// One decoded input event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContactEvent {
+    /// Unique per source event; used to drop duplicates.
+    pub event_id: CompactString,
+    /// The identified contact, if known.
+    pub contact_id: Option<CompactString>,
+    /// The browser's anonymous id, if any.
+    pub anonymous_id: Option<CompactString>,
+    /// When it happened (event time).
+    pub occurred_at: Timestamp,
+    /// The source-specific fields.
+    pub body: EventBody,
+}
+
+impl ContactEvent {
+    /// Which stream the event came from.
+    pub fn source(&self) -> Source {
+        match self.body {
+            EventBody::Click(_) => Source::Clickstream,
+            EventBody::AdConversion(_) => Source::AdConversion,
+            EventBody::Purchase(_) => Source::Purchase,
+        }
+    }
+
+    /// The key the contact's state lives under: `contact_id`, else `anonymous_id`.
+    ///
+    /// The decoder rejects events that have neither, so `None` only happens for hand-built
+    /// events.
+    pub fn key(&self) -> Option<ContactKey> {
+        match (&self.contact_id, &self.anonymous_id) {
+            (Some(id), _) => Some(ContactKey::contact(id.clone())),
+            (None, Some(id)) => Some(ContactKey::anonymous(id.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A stage's index in the configured stage model (position in the `[[stages]]` list).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StageId(pub u8);
+
+/// Time spent in one stage, over every visit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageSpan {
+    /// The stage.
+    pub stage: StageId,
+    /// How many times the contact entered it.
+    pub visits: u32,
+    /// When the contact first entered it.
+    pub first_entered_at: Timestamp,
+    /// When the contact last left it.
+    pub last_exited_at: Timestamp,
+    /// Total time spent in it over all completed visits, in milliseconds.
+    pub total_millis: i64,
+}
+
+/// One order as the purchase statistics see it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrderRecord {
+    /// 64-bit fingerprint of the order id (see [`fingerprint`]).
+    pub order: u64,
+    /// When it was placed (the first event seen for it).
+    pub placed_at: Timestamp,
+    /// Amount of the completed order.
+    pub amount: f64,
+    /// Latest status.
+    pub status: PurchaseStatus,
+}
+
+/// Every order of one contact and the model statistics derived from them.
+///
+/// Orders are kept (sorted by time, then fingerprint) rather than running sums so that late,
+/// out-of-order, duplicate and refunded purchases all give the same statistics as a clean
+/// in-order history: the statistics are a function of the set of orders, never of arrival order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PurchaseHistory {
+    /// All orders seen, sorted by (`placed_at`, `order`).
+    pub orders: Vec<OrderRecord>,
+    /// Derived: first completed purchase day (UTC day number).
+    pub first_day: Option<i64>,
+    /// Derived: last completed purchase day.
+    pub last_day: Option<i64>,
+    /// Derived: distinct completed purchase days after the first (the model's `x`).
+    pub repeat_days: u32,
+    /// Derived: number of completed orders.
+    pub completed_orders: u32,
+    /// Derived: total amount of completed orders.
+    pub completed_amount: f64,
+}
+
+impl PurchaseHistory {
+    /// Records a purchase event; returns false when it changes nothing (a duplicate).
+    pub fn record(&mut self, order: u64, placed_at: Timestamp, amount: f64, status: PurchaseStatus) -> bool {
+        let existing = self.orders.iter_mut().find(|record| record.order == order);
+        let changed = match existing {
+            Some(record) => {
+                // A later event for the same order only changes its status (refund, cancel) or
+                // fills in the amount of an order first seen as a refund.
+                let before = *record;
+                record.status = merge_status(record.status, status);
+                if status == PurchaseStatus::Completed && record.amount == 0.0 {
+                    record.amount = amount;
+                }
+                // The order's time is its earliest event, whatever the arrival order.
+                if placed_at < record.placed_at {
+                    record.placed_at = placed_at;
+                }
+                *record != before
+            }
+            None => {
+                self.orders.push(OrderRecord {
+                    order,
+                    placed_at,
+                    amount: if status == PurchaseStatus::Completed { amount } else { 0.0 },
+                    status,
+                });
+                true
+            }
+        };
+        if changed {
+            self.orders.sort_by_key(|record| (record.placed_at, record.order));
+            self.derive();
+        }
+        changed
+    }
+
+    fn derive(&mut self) {
+        let mut first_day = None;
+        let mut last_day = None;
+        let mut distinct_days = 0u32;
+        let mut completed_orders = 0u32;
+        let mut completed_amount = 0.0;
+        for record in self.orders.iter().filter(|record| record.status == PurchaseStatus::Completed) {
+            let day = record.placed_at.day();
+            if last_day != Some(day) {
+                distinct_days += 1;
+            }
+            first_day.get_or_insert(day);
+            last_day = Some(day);
+            completed_orders += 1;
+            completed_amount += record.amount;
+        }
+        self.first_day = first_day;
+        self.last_day = last_day;
+        self.repeat_days = distinct_days.saturating_sub(1);
+        self.completed_orders = completed_orders;
+        self.completed_amount = completed_amount;
+    }
+
+    /// Completed orders placed in `[since, until]`, counted once per distinct day.
+    pub fn purchase_days_between(&self, since: Timestamp, until: Timestamp) -> u32 {
+        let mut days = 0;
+        let mut last_day = None;
+        for record in &self.orders {
+            if record.status == PurchaseStatus::Completed
+                && record.placed_at >= since
+                && record.placed_at <= until
+                && last_day != Some(record.placed_at.day())
+            {
+                days += 1;
+                last_day = Some(record.placed_at.day());
+            }
+        }
+        days
+    }
+
+    /// True when every order the contact ever placed was refunded or cancelled.
+    pub fn all_orders_reversed(&self) -> bool {
+        !self.orders.is_empty() && self.completed_orders == 0
+    }
+}
+
+/// Refunded and cancelled are final: a `completed` replayed after a refund does not undo it.
+fn merge_status(current: PurchaseStatus, incoming: PurchaseStatus) -> PurchaseStatus {
+    match (current, incoming) {
+        (PurchaseStatus::Completed, other) => other,
+        (reversed, _) => reversed,
+    }
+}
+
+/// Identifiers and click ids seen for a contact, kept for ad-attribution outputs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Latest email seen.
+    pub email: Option<String>,
+    /// Latest phone seen.
+    pub phone: Option<String>,
+    /// Latest client IP seen.
+    pub ip: Option<String>,
+    /// Latest user agent seen.
+    pub user_agent: Option<String>,
+    /// Latest Meta click id.
+    pub fbc: Option<String>,
+    /// Latest Meta browser id.
+    pub fbp: Option<String>,
+    /// Latest TikTok click id.
+    pub ttclid: Option<String>,
+}
+
+impl Identity {
+    /// Takes the identifiers a click carries, keeping older ones the click lacks.
+    pub fn absorb(&mut self, click: &Click) {
+        fn keep(slot: &mut Option<String>, value: &Option<String>) {
+            if let Some(value) = value {
+                if slot.as_deref() != Some(value.as_str()) {
+                    *slot = Some(value.clone());
+                }
+            }
+        }
+        keep(&mut self.email, &click.email);
+        keep(&mut self.phone, &click.phone);
+        keep(&mut self.ip, &click.ip);
+        keep(&mut self.user_agent, &click.user_agent);
+        keep(&mut self.fbc, &click.fbc);
+        keep(&mut self.fbp, &click.fbp);
+        keep(&mut self.ttclid, &click.ttclid);
+    }
+
+    /// True when there is nothing to keep.
+    pub fn is_empty(&self) -> bool {
+        *self == Identity::default()
+    }
+}
+
+/// How many recent event fingerprints each contact remembers to drop duplicates.
+pub const RECENT_EVENTS: usize = 4;
+
+/// Everything the service remembers about one contact.
+///
+/// Sized for tens of millions of contacts per instance: fixed fields are small and plain, and
+/// what only some contacts need (stage history, orders, identifiers) lives behind one pointer
+/// each, allocated on first use.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContactState {
+    /// Current stage.
+    pub stage: StageId,
+    /// Highest main-path stage ever reached: where a reactivated contact returns to.
+    pub main_stage: StageId,
+    /// Number of stage changes emitted so far; the next one gets `seq + 1`.
+    pub seq: u32,
+    /// When the current stage was entered.
+    pub stage_entered_at: Timestamp,
+    /// The time the state has been advanced to (latest event or timer applied).
+    pub clock: Timestamp,
+    /// Last activity of any kind (for inactivity rules).
+    pub last_activity_at: Timestamp,
+    /// Cached: the first whole second at which the contact's churn risk reaches the lowest
+    /// threshold of a rule that applies from its stage ([`Timestamp::NEVER`] if none). It only
+    /// changes when purchases or the stage change, so timers need not recompute it per event.
+    pub risk_due: Timestamp,
+    /// Engagement score as of `engaged_at` (decays exponentially after it).
+    pub engagement: f32,
+    /// When `engagement` was last updated.
+    pub engaged_at: Timestamp,
+    /// Fingerprints of the most recent event ids, newest last slot rotating.
+    pub recent_events: [u64; RECENT_EVENTS],
+    /// Completed visits of past stages (the current stage's visit is open).
+    pub history: Vec<StageSpan>,
+    /// Orders, for buyers only.
+    pub purchases: Option<Box<PurchaseHistory>>,
+    /// Identifiers for attribution, when any were seen.
+    pub identity: Option<Box<Identity>>,
+}
+
+impl ContactState {
+    /// A fresh contact that enters `stage` at `at`.
+    pub fn new(stage: StageId, main_stage: StageId, at: Timestamp) -> Self {
+        ContactState {
+            stage,
+            main_stage,
+            seq: 0,
+            stage_entered_at: at,
+            clock: at,
+            last_activity_at: at,
+            risk_due: Timestamp::NEVER,
+            engagement: 0.0,
+            engaged_at: at,
+            recent_events: [0; RECENT_EVENTS],
+            history: Vec::new(),
+            purchases: None,
+            identity: None,
+        }
+    }
+
+    /// Remembers an event fingerprint; returns false if it was already seen (a duplicate).
+    pub fn remember_event(&mut self, fingerprint: u64) -> bool {
+        if self.recent_events.contains(&fingerprint) {
+            return false;
+        }
+        self.recent_events.rotate_left(1);
+        self.recent_events[RECENT_EVENTS - 1] = fingerprint;
+        true
+    }
+
+    /// The purchase history, empty for contacts who never bought.
+    pub fn purchase_history(&self) -> Option<&PurchaseHistory> {
+        self.purchases.as_deref()
+    }
+
+    /// Cumulative time in `stage` as of `now`, including the open visit if it is current.
+    pub fn time_in_stage(&self, stage: StageId, now: Timestamp) -> i64 {
+        let closed = self
+            .history
+            .iter()
+            .find(|span| span.stage == stage)
+            .map_or(0, |span| span.total_millis);
+        let open = if self.stage == stage {
+            now.millis_since(self.stage_entered_at).max(0)
+        } else {
+            0
+        };
+        closed + open
+    }
+
+    /// Closes the visit of the current stage at `at` and opens one of `next`.
+    pub fn move_to(&mut self, next: StageId, at: Timestamp) {
+        let spent = at.millis_since(self.stage_entered_at).max(0);
+        let entered = self.stage_entered_at;
+        match self.history.iter_mut().find(|span| span.stage == self.stage) {
+            Some(span) => {
+                span.visits += 1;
+                span.last_exited_at = at;
+                span.total_millis += spent;
+            }
+            None => self.history.push(StageSpan {
+                stage: self.stage,
+                visits: 1,
+                first_entered_at: entered,
+                last_exited_at: at,
+                total_millis: spent,
+            }),
+        }
+        self.stage = next;
+        self.stage_entered_at = at;
+    }
+}
+
+/// What caused a stage change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// An input event (its `event_id`).
+    Event(CompactString),
+    /// A timer: inactivity or rising churn risk, at the time the condition became true.
+    Timer,
+}
+
+/// One lifecycle transition, as published on the stage-change topic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageChange {
+    /// Deterministic id: the same contact and sequence number always give the same id.
+    pub event_id: String,
+    /// The contact.
+    pub key: ContactKey,
+    /// Per-contact transition number, starting at 1.
+    pub seq: u32,
+    /// Previous stage (`None` when the contact first appears).
+    pub from: Option<StageId>,
+    /// New stage.
+    pub to: StageId,
+    /// Event time of the transition.
+    pub occurred_at: Timestamp,
+    /// Why: the reason named by the rule that fired.
+    pub reason: std::sync::Arc<str>,
+    /// Main-path stages passed over on the way (forward moves only).
+    pub skipped: Vec<StageId>,
+    /// True when leaving a lost stage.
+    pub reactivated: bool,
+    /// What caused it.
+    pub trigger: Trigger,
+    /// Time spent in `from` on this visit, in milliseconds.
+    pub millis_in_previous: i64,
+    /// Churn risk at the transition, for contacts scored by a purchase model.
+    pub churn_risk: Option<f64>,
+}
+
+/// A stable 64-bit fingerprint of an identifier (FNV-1a), used for dedup slots and order ids.
+///
+/// Stable across processes and versions (unlike `std`'s randomly seeded hasher) because it is
+/// persisted in state.
+pub fn fingerprint(text: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = text
+        .as_bytes()
+        .iter()
+        .fold(OFFSET, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(PRIME));
+    // 0 marks an empty dedup slot, so never return it.
+    hash.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn day_numbers_floor_towards_the_past() {
+        assert_eq!(Timestamp::from_millis(-1).day(), -1);
+        assert_eq!(Timestamp::from_millis(0).day(), 0);
+        assert_eq!(Timestamp::from_millis(MILLIS_PER_DAY - 1).day(), 0);
+        assert_eq!(Timestamp::from_day(3).day(), 3);
+    }
+
+    #[test]
+    fn purchase_history_is_independent_of_arrival_order() {
+        let day = |d: i64| Timestamp::from_day(d).plus_millis(3_600_000);
+        let events = [
+            (1, day(10), 10.0, PurchaseStatus::Completed),
+            (2, day(10), 5.0, PurchaseStatus::Completed),
+            (3, day(12), 7.0, PurchaseStatus::Completed),
+            (4, day(20), 9.0, PurchaseStatus::Completed),
+            (4, day(21), 9.0, PurchaseStatus::Refunded),
+        ];
+        let mut forward = PurchaseHistory::default();
+        for (order, at, amount, status) in events {
+            forward.record(order, at, amount, status);
+        }
+        let mut backward = PurchaseHistory::default();
+        for (order, at, amount, status) in events.iter().rev().copied() {
+            backward.record(order, at, amount, status);
+        }
+        assert_eq!(forward, backward);
+        assert_eq!(forward.repeat_days, 1);
+        assert_eq!(forward.first_day, Some(10));
+        assert_eq!(forward.last_day, Some(12));
+        assert_eq!(forward.completed_orders, 3);
+    }
+
+    #[test]
+    fn duplicate_events_are_remembered() {
+        let mut state = ContactState::new(StageId(0), StageId(0), Timestamp::default());
+        assert!(state.remember_event(fingerprint("a")));
+        assert!(!state.remember_event(fingerprint("a")));
+        for id in ["b", "c", "d", "e"] {
+            assert!(state.remember_event(fingerprint(id)));
+        }
+        // Only the last RECENT_EVENTS are kept.
+        assert!(state.remember_event(fingerprint("a")));
+    }
+
+    #[test]
+    fn time_in_stage_adds_visits() {
+        let mut state = ContactState::new(StageId(1), StageId(1), Timestamp::from_millis(0));
+        state.move_to(StageId(2), Timestamp::from_millis(100));
+        state.move_to(StageId(1), Timestamp::from_millis(150));
+        assert_eq!(state.time_in_stage(StageId(1), Timestamp::from_millis(200)), 150);
+        assert_eq!(state.time_in_stage(StageId(2), Timestamp::from_millis(200)), 50);
+    }
+}

@@ -1,0 +1,448 @@
+//! The lifecycle engine (pure): applies events and timers to a contact's state and returns the
+//! stage changes they cause.
+//!
+//! Semantics, in the order they are applied:
+//!
+//! 1. **Timers first.** Before an event at time `t` is applied, every timer due at or before
+//!    `t` fires at its exact due time (inactivity: last activity + N; churn risk: the first whole
+//!    second at which the score reaches the threshold, found by bisection on a monotone score).
+//!    Because due times are exact, calling [`Engine::advance_to`] often or rarely gives the same
+//!    output: `advance_to(a); advance_to(b)` equals `advance_to(b)`.
+//! 2. **Duplicates** (an `event_id` among the contact's recent ones) change nothing.
+//! 3. **Late events** (older than the contact's clock) update statistics, so purchase statistics
+//!    never depend on arrival order; they may change the stage only within the grace period, and
+//!    then at the contact's clock, so history never runs backwards.
+//! 4. **Main path**: forward only; the highest-ranked target among the rules that fire wins and
+//!    the stages passed over are listed as skipped.
+//! 5. **Lost stages**: entered only through a rule, which always names a reason; left only by
+//!    reactivation (an event the lost stage lists), back to the highest main stage reached, or
+//!    further if main rules fire. Reactivation that would be lost again at once is not emitted.
+//!
+//! Nothing here reads a clock, does I/O, or knows about Kafka: time is an argument.
+
+pub mod model;
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+pub use model::{Conditions, Engagement, EventMatcher, Rule, StageDef, StageModel, StageSet};
+
+use crate::domain::{
+    fingerprint, ContactEvent, ContactKey, ContactState, EventBody, PurchaseHistory, StageChange, StageId, Timestamp,
+    Trigger,
+};
+use crate::scoring::ChurnScorer;
+
+/// What [`Engine::apply`] did with an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied; stage changes, if any, were pushed.
+    Applied,
+    /// Its `event_id` was seen recently for this contact: ignored.
+    Duplicate,
+    /// Older than the contact's clock by more than the grace period: statistics updated, stage
+    /// left alone.
+    TooLate,
+}
+
+/// The stage model and the churn scorer, applied to contacts.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    /// Stages and rules.
+    pub model: StageModel,
+    /// Churn model for risk conditions and for scores on stage changes.
+    pub scorer: ChurnScorer,
+}
+
+/// Upper bound on chained timer transitions in one `advance_to` (each moves to another stage,
+/// so more than one per stage would be a cycle in the rules).
+fn max_chained(model: &StageModel) -> usize {
+    model.stages.len() + 1
+}
+
+/// Whole seconds, the resolution of timer due times.
+const SECOND: i64 = 1000;
+
+/// Churn risk at one instant, computed at most once per evaluation.
+struct RiskCache {
+    at: Timestamp,
+    value: Option<Option<f64>>,
+}
+
+impl RiskCache {
+    fn new(at: Timestamp) -> Self {
+        RiskCache { at, value: None }
+    }
+
+    fn get(&mut self, scorer: &ChurnScorer, state: &ContactState) -> Option<f64> {
+        *self.value.get_or_insert_with(|| scorer.purchase_risk(state, self.at))
+    }
+}
+
+impl Engine {
+    /// Builds an engine.
+    pub fn new(model: StageModel, scorer: ChurnScorer) -> Self {
+        Engine { model, scorer }
+    }
+
+    /// State for a contact first seen at `at`. It is announced (sequence 1) by the first
+    /// [`Engine::apply`].
+    pub fn new_contact(&self, at: Timestamp) -> ContactState {
+        let initial = self.model.initial();
+        ContactState::new(initial, initial, at)
+    }
+
+    /// Applies one event to a contact, pushing the stage changes it causes (timers due before it
+    /// included) onto `out`.
+    pub fn apply(&self, key: &ContactKey, state: &mut ContactState, event: &ContactEvent, out: &mut Vec<StageChange>) -> Applied {
+        if !state.remember_event(fingerprint(&event.event_id)) {
+            return Applied::Duplicate;
+        }
+        let at = event.occurred_at;
+        let announced = state.seq > 0;
+        let effective = if announced && at < state.clock {
+            if state.clock.millis_since(at) > self.model.grace_millis {
+                self.absorb(state, event, state.clock);
+                return Applied::TooLate;
+            }
+            state.clock
+        } else {
+            if announced {
+                self.advance_to(key, state, at, out);
+            }
+            at
+        };
+        self.absorb(state, event, effective);
+        state.clock = state.clock.max(effective);
+        self.evaluate(key, state, effective, Some(event), out);
+        Applied::Applied
+    }
+
+    /// Fires every timer due at or before `now`, pushing the resulting stage changes.
+    pub fn advance_to(&self, key: &ContactKey, state: &mut ContactState, now: Timestamp, out: &mut Vec<StageChange>) {
+        if state.seq == 0 || now <= state.clock {
+            return;
+        }
+        for _ in 0..max_chained(&self.model) {
+            if self.next_due(state) > now {
+                break;
+            }
+            let mut dues: Vec<Timestamp> = self
+                .timed_rules(state.stage)
+                .filter_map(|rule| self.due_time(rule, state, now))
+                .collect();
+            dues.sort_unstable();
+            dues.dedup();
+            let mut moved = false;
+            for due in dues {
+                state.clock = state.clock.max(due);
+                if self.evaluate(key, state, due, None, out) {
+                    moved = true;
+                    break;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        state.clock = state.clock.max(now);
+    }
+
+    /// The timer-driven rules that can apply from `stage`.
+    fn timed_rules(&self, stage: StageId) -> impl Iterator<Item = &Rule> {
+        let lost = self.model.is_lost(stage);
+        let main = (!lost).then_some(self.model.main_rules.iter()).into_iter().flatten();
+        self.model
+            .lost_rules
+            .iter()
+            .chain(main)
+            .filter(move |rule| rule.on.is_empty() && rule.conditions.is_timed() && rule.from.contains(stage))
+    }
+
+    /// The first instant in `[state.clock, until]` at which the rule's time-dependent conditions
+    /// hold, if any. Exact and canonical (whole seconds for churn thresholds), so independent of
+    /// how the interval was chosen.
+    fn due_time(&self, rule: &Rule, state: &ContactState, until: Timestamp) -> Option<Timestamp> {
+        let mut due = state.clock;
+        if let Some(inactive) = rule.conditions.min_inactive_millis {
+            due = due.max(state.last_activity_at.plus_millis(inactive));
+        }
+        if let Some(threshold) = rule.conditions.min_churn_risk {
+            // One evaluation rules out the common case before bisecting.
+            if !self.scorer.purchase_risk(state, until).is_some_and(|risk| risk >= threshold) {
+                return None;
+            }
+            due = due.max(self.risk_crossing(state, threshold)?);
+        }
+        (due <= until).then_some(due)
+    }
+
+    /// The first whole second at which the contact's purchase-model churn risk reaches
+    /// `threshold`, or `None` if it never does before [`Timestamp::MAX_VALID`].
+    ///
+    /// Churn risk rises monotonically while nothing happens (both P(alive) falling and the
+    /// purchase-rate posterior shifting raise P(no purchase)), so bisection on whole seconds over
+    /// the contact's whole purchase life gives one canonical answer, whatever the caller's clock.
+    fn risk_crossing(&self, state: &ContactState, threshold: f64) -> Option<Timestamp> {
+        let first_day = state.purchase_history()?.first_day?;
+        let crosses = |second: i64| {
+            self.scorer
+                .purchase_risk(state, Timestamp::from_millis(second * SECOND))
+                .is_some_and(|risk| risk >= threshold)
+        };
+        let mut low = Timestamp::from_day(first_day).millis().div_euclid(SECOND);
+        let mut high = Timestamp::MAX_VALID.millis().div_euclid(SECOND);
+        if crosses(low) {
+            return Some(Timestamp::from_millis(low * SECOND));
+        }
+        if !crosses(high) {
+            return None;
+        }
+        while high - low > 1 {
+            let middle = low + (high - low) / 2;
+            if crosses(middle) {
+                high = middle;
+            } else {
+                low = middle;
+            }
+        }
+        Some(Timestamp::from_millis(high * SECOND))
+    }
+
+    /// Recomputes the cached [`ContactState::risk_due`] after purchases or the stage changed.
+    fn refresh_risk_due(&self, state: &mut ContactState) {
+        let lowest = self
+            .timed_rules(state.stage)
+            .filter_map(|rule| rule.conditions.min_churn_risk)
+            .min_by(f64::total_cmp);
+        state.risk_due = lowest
+            .and_then(|threshold| self.risk_crossing(state, threshold))
+            .unwrap_or(Timestamp::NEVER);
+    }
+
+    /// A lower bound on when the next timer of this contact can fire ([`Timestamp::NEVER`] if
+    /// none): cheap, from cached and stored fields only. Callers use it to skip contacts with
+    /// nothing due and to schedule sweeps.
+    pub fn next_due(&self, state: &ContactState) -> Timestamp {
+        if state.seq == 0 {
+            return Timestamp::NEVER;
+        }
+        self.timed_rules(state.stage)
+            .map(|rule| {
+                let mut due = state.clock;
+                if let Some(inactive) = rule.conditions.min_inactive_millis {
+                    due = due.max(state.last_activity_at.plus_millis(inactive));
+                }
+                if rule.conditions.min_churn_risk.is_some() {
+                    due = due.max(state.risk_due);
+                }
+                due
+            })
+            .min()
+            .unwrap_or(Timestamp::NEVER)
+    }
+
+    /// Folds an event's effect on statistics into the state (no stage logic).
+    fn absorb(&self, state: &mut ContactState, event: &ContactEvent, effective: Timestamp) {
+        let at = event.occurred_at;
+        state.last_activity_at = state.last_activity_at.max(at);
+        let weight = self.model.engagement.weight(event);
+        if weight != 0.0 {
+            let decayed = self
+                .model
+                .engagement
+                .decay(state.engagement, effective.millis_since(state.engaged_at));
+            state.engagement = decayed + weight;
+            state.engaged_at = state.engaged_at.max(effective);
+        }
+        match &event.body {
+            EventBody::Click(click) => {
+                let carries_ids = click.email.is_some()
+                    || click.phone.is_some()
+                    || click.ip.is_some()
+                    || click.user_agent.is_some()
+                    || click.fbc.is_some()
+                    || click.fbp.is_some()
+                    || click.ttclid.is_some();
+                if carries_ids {
+                    state.identity.get_or_insert_with(Default::default).absorb(click);
+                }
+            }
+            EventBody::Purchase(purchase) => {
+                let history = state.purchases.get_or_insert_with(|| Box::new(PurchaseHistory::default()));
+                let changed = history.record(fingerprint(&purchase.order_id), at, purchase.amount, purchase.status);
+                if changed {
+                    self.refresh_risk_due(state);
+                }
+            }
+            EventBody::AdConversion(_) => {}
+        }
+    }
+
+    /// Decides and emits the stage changes due at `now`; returns true when any was emitted.
+    fn evaluate(&self, key: &ContactKey, state: &mut ContactState, now: Timestamp, event: Option<&ContactEvent>, out: &mut Vec<StageChange>) -> bool {
+        let mut risk = RiskCache::new(now);
+        let trigger = || match event {
+            Some(event) => Trigger::Event(event.event_id.clone()),
+            None => Trigger::Timer,
+        };
+        let emitted_before = out.len();
+        if state.seq == 0 {
+            let (target, reason) = self
+                .forward_target(state, state.stage, now, event, &mut risk)
+                .unwrap_or((state.stage, self.model.first_seen.clone()));
+            let skipped = self.model.between(None, self.model.rank(target).unwrap_or(0));
+            self.emit(key, state, target, now, reason, skipped, false, trigger(), &mut risk, out);
+        } else if self.model.is_lost(state.stage) {
+            let lost = self.model.stage(state.stage);
+            if event.is_some_and(|event| lost.reactivate_on.iter().any(|matcher| matcher.matches(event))) {
+                let home = state.main_stage;
+                let (target, _) = self
+                    .forward_target(state, home, now, event, &mut risk)
+                    .unwrap_or((home, self.model.reactivated.clone()));
+                if self.lost_target(state, target, now, event, &mut risk).is_none() {
+                    let skipped = self.model.between(self.model.rank(home), self.model.rank(target).unwrap_or(0));
+                    let reason = self.model.reactivated.clone();
+                    self.emit(key, state, target, now, reason, skipped, true, trigger(), &mut risk, out);
+                }
+                return out.len() > emitted_before;
+            }
+        } else if let Some((target, reason)) = self.forward_target(state, state.stage, now, event, &mut risk) {
+            let skipped = self.model.between(self.model.rank(state.stage), self.model.rank(target).unwrap_or(0));
+            self.emit(key, state, target, now, reason, skipped, false, trigger(), &mut risk, out);
+        }
+        if let Some((target, reason)) = self.lost_target(state, state.stage, now, event, &mut risk) {
+            self.emit(key, state, target, now, reason, Vec::new(), false, trigger(), &mut risk, out);
+        }
+        out.len() > emitted_before
+    }
+
+    /// The highest-ranked main stage a firing rule moves `from` to, with the rule's reason.
+    fn forward_target(&self, state: &ContactState, from: StageId, now: Timestamp, event: Option<&ContactEvent>, risk: &mut RiskCache) -> Option<(StageId, Arc<str>)> {
+        let from_rank = self.model.rank(from)?;
+        self.model
+            .main_rules
+            .iter()
+            .filter(|rule| self.model.rank(rule.to).is_some_and(|rank| rank > from_rank))
+            .filter(|rule| self.fires(rule, from, state, now, event, risk))
+            .max_by_key(|rule| self.model.rank(rule.to))
+            .map(|rule| (rule.to, rule.reason.clone()))
+    }
+
+    /// The lost stage a firing rule moves `from` to (the last-listed one when several fire).
+    fn lost_target(&self, state: &ContactState, from: StageId, now: Timestamp, event: Option<&ContactEvent>, risk: &mut RiskCache) -> Option<(StageId, Arc<str>)> {
+        self.model
+            .lost_rules
+            .iter()
+            .filter(|rule| rule.to != from && self.fires(rule, from, state, now, event, risk))
+            .max_by_key(|rule| rule.to)
+            .map(|rule| (rule.to, rule.reason.clone()))
+    }
+
+    fn fires(&self, rule: &Rule, from: StageId, state: &ContactState, now: Timestamp, event: Option<&ContactEvent>, risk: &mut RiskCache) -> bool {
+        if !rule.from.contains(from) {
+            return false;
+        }
+        if !rule.on.is_empty() && !event.is_some_and(|event| rule.on.iter().any(|matcher| matcher.matches(event))) {
+            return false;
+        }
+        self.conditions_hold(&rule.conditions, state, now, risk)
+    }
+
+    fn conditions_hold(&self, conditions: &Conditions, state: &ContactState, now: Timestamp, risk: &mut RiskCache) -> bool {
+        let purchases = state.purchase_history();
+        let purchase_days = purchases.map_or(0, |history| {
+            if history.first_day.is_some() {
+                history.repeat_days + 1
+            } else {
+                0
+            }
+        });
+        if let Some(min) = conditions.min_engagement {
+            let engagement = self
+                .model
+                .engagement
+                .decay(state.engagement, now.millis_since(state.engaged_at));
+            if f64::from(engagement) < min {
+                return false;
+            }
+        }
+        if conditions.min_purchase_days.is_some_and(|min| purchase_days < min) {
+            return false;
+        }
+        if let Some((count, window)) = conditions.min_purchase_days_within {
+            let within = purchases.map_or(0, |history| history.purchase_days_between(now.plus_millis(-window), now));
+            if within < count {
+                return false;
+            }
+        }
+        if conditions
+            .min_inactive_millis
+            .is_some_and(|min| now.millis_since(state.last_activity_at) < min)
+        {
+            return false;
+        }
+        if conditions.all_orders_reversed && !purchases.is_some_and(PurchaseHistory::all_orders_reversed) {
+            return false;
+        }
+        if conditions.needs_churn_risk() {
+            let Some(value) = risk.get(&self.scorer, state) else {
+                return false;
+            };
+            if conditions.min_churn_risk.is_some_and(|min| value < min)
+                || conditions.max_churn_risk.is_some_and(|max| value >= max)
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(&self, key: &ContactKey, state: &mut ContactState, to: StageId, now: Timestamp, reason: Arc<str>, skipped: Vec<StageId>, reactivated: bool, trigger: Trigger, risk: &mut RiskCache, out: &mut Vec<StageChange>) {
+        let (from, millis_in_previous) = if state.seq == 0 {
+            state.stage = to;
+            state.stage_entered_at = now;
+            (None, 0)
+        } else {
+            let from = state.stage;
+            let spent = now.millis_since(state.stage_entered_at).max(0);
+            state.move_to(to, now);
+            (Some(from), spent)
+        };
+        if self.model.rank(to) > self.model.rank(state.main_stage) {
+            state.main_stage = to;
+        }
+        state.seq += 1;
+        self.refresh_risk_due(state);
+        out.push(StageChange {
+            event_id: stage_change_id(key, state.seq),
+            key: key.clone(),
+            seq: state.seq,
+            from,
+            to,
+            occurred_at: now,
+            reason,
+            skipped,
+            reactivated,
+            trigger,
+            millis_in_previous,
+            churn_risk: risk.get(&self.scorer, state),
+        });
+    }
+}
+
+/// The deterministic id of a contact's `seq`-th stage change: a UUID-shaped hex string from
+/// SHA-256 of the key and the sequence number. A retry or a replay gives the same id, so
+/// consumers can drop duplicates by it.
+pub fn stage_change_id(key: &ContactKey, seq: u32) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(if key.anonymous { b"a" } else { b"c" });
+    hasher.update(key.id.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(seq.to_be_bytes());
+    let digest = hasher.finalize();
+    let hex: String = digest[..16].iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}

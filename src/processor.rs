@@ -1,0 +1,168 @@
+//! One partition's work on decoded events: dedupe -> lifecycle -> score -> stage changes.
+//!
+//! The same processor runs under `replay` (events from a file) and under the Kafka service
+//! (events from one partition), which is why both give identical outputs. It owns the writes to
+//! its shard and a timer wheel; it does no I/O and reads no clock: event time drives everything,
+//! and idle-time timers come from the caller through [`Processor::advance_to`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::Processing;
+use crate::domain::{ContactEvent, ContactKey, StageChange, Timestamp};
+use crate::lifecycle::{Applied, Engine};
+use crate::state::Shard;
+
+/// Counters of what the processor did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessorStats {
+    /// Events handed in.
+    pub events: u64,
+    /// Events dropped as duplicates of a recent `event_id`.
+    pub duplicates: u64,
+    /// Events too late to change a stage (statistics still updated).
+    pub too_late: u64,
+    /// Contacts created.
+    pub contacts_created: u64,
+    /// Stage changes emitted.
+    pub stage_changes: u64,
+    /// Stage changes emitted by timers during sweeps.
+    pub timer_changes: u64,
+}
+
+/// Applies events to one shard of contacts and drives their timers.
+#[derive(Debug)]
+pub struct Processor {
+    engine: Arc<Engine>,
+    shard: Arc<Shard>,
+    sweep_millis: i64,
+    /// Contacts with a pending timer, by sweep bucket (`next_due / sweep_millis`). Entries may
+    /// be stale (the contact moved on); a sweep re-checks each and re-files it.
+    wheel: BTreeMap<i64, Vec<ContactKey>>,
+    /// Highest event time seen: the partition's event-time clock.
+    watermark: Timestamp,
+    stats: ProcessorStats,
+}
+
+impl Processor {
+    /// A processor writing to `shard`.
+    pub fn new(engine: Arc<Engine>, shard: Arc<Shard>, processing: Processing) -> Self {
+        Processor {
+            engine,
+            shard,
+            sweep_millis: processing.timer_sweep_millis.max(1),
+            wheel: BTreeMap::new(),
+            watermark: Timestamp::MIN_VALID,
+            stats: ProcessorStats::default(),
+        }
+    }
+
+    /// What the processor has done so far.
+    pub fn stats(&self) -> ProcessorStats {
+        self.stats
+    }
+
+    /// The highest event time seen.
+    pub fn watermark(&self) -> Timestamp {
+        self.watermark
+    }
+
+    /// The shard this processor writes.
+    pub fn shard(&self) -> &Arc<Shard> {
+        &self.shard
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    fn bucket(&self, at: Timestamp) -> i64 {
+        at.millis().div_euclid(self.sweep_millis)
+    }
+
+    /// Applies one event, pushing the stage changes it causes onto `out`. When the event moves
+    /// the partition's clock into a new sweep bucket, other contacts' due timers fire first.
+    pub fn process(&mut self, event: &ContactEvent, out: &mut Vec<StageChange>) -> Applied {
+        let at = event.occurred_at;
+        if at > self.watermark {
+            if self.bucket(at) > self.bucket(self.watermark) {
+                self.advance_to(at, out);
+            }
+            self.watermark = at;
+        }
+        self.stats.events += 1;
+        let Some(key) = event.key() else {
+            debug_assert!(false, "decoded events always have a key");
+            return Applied::Duplicate;
+        };
+        let emitted_before = out.len();
+        let (applied, due_before, due_after) = match self.shard.get_mut(&key) {
+            Some(mut state) => {
+                let due_before = self.engine.next_due(&state);
+                let applied = self.engine.apply(&key, &mut state, event, out);
+                (applied, due_before, self.engine.next_due(&state))
+            }
+            None => {
+                let mut state = self.engine.new_contact(at);
+                let applied = self.engine.apply(&key, &mut state, event, out);
+                let due_after = self.engine.next_due(&state);
+                self.shard.insert(key.clone(), state);
+                self.stats.contacts_created += 1;
+                (applied, Timestamp::NEVER, due_after)
+            }
+        };
+        match applied {
+            Applied::Duplicate => self.stats.duplicates += 1,
+            Applied::TooLate => self.stats.too_late += 1,
+            Applied::Applied => {}
+        }
+        self.stats.stage_changes += (out.len() - emitted_before) as u64;
+        if due_after != Timestamp::NEVER && (due_before == Timestamp::NEVER || self.bucket(due_after) != self.bucket(due_before)) {
+            let bucket = self.bucket(due_after);
+            self.wheel.entry(bucket).or_default().push(key);
+        }
+        applied
+    }
+
+    /// Fires every timer due at or before `now` for every contact of the shard. Output is
+    /// sorted by (time, contact, sequence) so it does not depend on map order.
+    pub fn advance_to(&mut self, now: Timestamp, out: &mut Vec<StageChange>) {
+        let emitted_before = out.len();
+        let last = self.bucket(now);
+        while let Some(entry) = self.wheel.first_entry() {
+            if *entry.key() > last {
+                break;
+            }
+            let keys = entry.remove();
+            let mut refile = Vec::new();
+            for key in keys {
+                let Some(mut state) = self.shard.get_mut(&key) else { continue };
+                let was_due = self.engine.next_due(&state) <= now;
+                if was_due {
+                    self.engine.advance_to(&key, &mut state, now, out);
+                }
+                let due = self.engine.next_due(&state);
+                drop(state);
+                // Re-file contacts this sweep owns: those it advanced, and those due later in
+                // a bucket being emptied. Any other entry is stale: `process` filed the contact
+                // again when its due time moved.
+                if due != Timestamp::NEVER && (was_due || self.bucket(due) <= last) {
+                    // Never back into a bucket this loop is emptying, or it would not end.
+                    refile.push((self.bucket(due).max(last + 1), key));
+                }
+            }
+            for (bucket, key) in refile {
+                self.wheel.entry(bucket).or_default().push(key);
+            }
+        }
+        let fired = &mut out[emitted_before..];
+        fired.sort_by(|left, right| {
+            (left.occurred_at, &left.key, left.seq).cmp(&(right.occurred_at, &right.key, right.seq))
+        });
+        let count = fired.len() as u64;
+        self.stats.stage_changes += count;
+        self.stats.timer_changes += count;
+        self.watermark = self.watermark.max(now);
+    }
+}

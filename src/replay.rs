@@ -1,0 +1,229 @@
+//! `replay`: the processor over a JSON-lines file or stdin, with no broker.
+//!
+//! Reads events, applies them through the same [`Processor`] the Kafka service uses, and writes
+//! stage changes as JSON lines. Bad lines are reported with their line number and reason,
+//! counted, and skipped: a replay never stops on bad input. The caller owns the clock (for the
+//! elapsed-time figure) and the files.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, Write};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::codec::json::{decode_event, StageChangeRecord};
+use crate::codec::format_timestamp;
+use crate::config::Processing;
+use crate::domain::{ContactKey, ContactState, StageChange, Timestamp};
+use crate::lifecycle::{Engine, StageModel};
+use crate::processor::Processor;
+use crate::state::new_shard;
+
+/// Options of a replay run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReplayOptions {
+    /// Advance every timer to this time at the end (`--as-of`).
+    pub as_of: Option<Timestamp>,
+    /// How many bad lines to describe individually on the error stream (all are counted).
+    pub max_errors_shown: usize,
+    /// Expected number of contacts, to size the state map up front.
+    pub capacity: usize,
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ReplaySummary {
+    /// Non-empty input lines read.
+    pub lines: u64,
+    /// Lines decoded into events.
+    pub events: u64,
+    /// Bad lines by reason code.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Events dropped as duplicates.
+    pub duplicates: u64,
+    /// Events too late to change a stage.
+    pub too_late: u64,
+    /// Stage changes written.
+    pub stage_changes: u64,
+    /// Of which fired by timers.
+    pub timer_changes: u64,
+    /// Contacts in the final state.
+    pub contacts: u64,
+    /// Contacts per current stage.
+    pub contacts_per_stage: BTreeMap<String, u64>,
+    /// The time the state was scored at: `--as-of`, else the latest event time.
+    pub as_of: Option<String>,
+}
+
+/// Replays `input`, writing stage changes to `changes` and bad-line reports to `errors`.
+/// Returns the summary and the processor holding the final state.
+pub fn replay(engine: Arc<Engine>, processing: Processing, input: impl BufRead, changes: &mut dyn Write, errors: &mut dyn Write, options: ReplayOptions) -> io::Result<(ReplaySummary, Processor)> {
+    let shard = Arc::new(new_shard(options.capacity));
+    let mut processor = Processor::new(engine.clone(), shard, processing);
+    let mut summary = ReplaySummary::default();
+    let mut out: Vec<StageChange> = Vec::new();
+    let mut error_count = 0u64;
+    let mut input = input;
+    let mut line = Vec::with_capacity(512);
+    let mut line_number = 0u64;
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        line_number += 1;
+        let text = line.trim_ascii();
+        if text.is_empty() {
+            continue;
+        }
+        summary.lines += 1;
+        match decode_event(text) {
+            Ok(event) => {
+                summary.events += 1;
+                processor.process(&event, &mut out);
+            }
+            Err(error) => {
+                *summary.errors.entry(error.reason()).or_default() += 1;
+                error_count += 1;
+                if error_count <= options.max_errors_shown as u64 {
+                    writeln!(errors, "line {line_number}: {error}")?;
+                }
+            }
+        }
+        if !out.is_empty() {
+            write_changes(&out, &engine.model, changes)?;
+            out.clear();
+        }
+    }
+    if let Some(as_of) = options.as_of {
+        processor.advance_to(as_of, &mut out);
+        write_changes(&out, &engine.model, changes)?;
+        out.clear();
+    }
+    if error_count > options.max_errors_shown as u64 {
+        writeln!(errors, "... {} more bad lines not shown", error_count - options.max_errors_shown as u64)?;
+    }
+    let stats = processor.stats();
+    summary.duplicates = stats.duplicates;
+    summary.too_late = stats.too_late;
+    summary.stage_changes = stats.stage_changes;
+    summary.timer_changes = stats.timer_changes;
+    summary.contacts = processor.shard().len() as u64;
+    for entry in processor.shard().iter() {
+        let id = engine.model.stage(entry.value().stage).id.clone();
+        *summary.contacts_per_stage.entry(id).or_default() += 1;
+    }
+    summary.as_of = Some(format_timestamp(options.as_of.unwrap_or(processor.watermark())));
+    Ok((summary, processor))
+}
+
+fn write_changes(changes: &[StageChange], model: &StageModel, out: &mut dyn Write) -> io::Result<()> {
+    for change in changes {
+        serde_json::to_writer(&mut *out, &StageChangeRecord::new(change, model))?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+/// One contact's final state as written by `--state-out`.
+#[derive(Debug, Serialize)]
+pub struct ContactReport {
+    /// The contact id, when identified.
+    pub contact_id: Option<String>,
+    /// The anonymous id, for anonymous visitors.
+    pub anonymous_id: Option<String>,
+    /// Current stage id.
+    pub stage: String,
+    /// When the current stage was entered.
+    pub stage_entered_at: String,
+    /// Seconds in the current stage as of the report time.
+    pub seconds_in_stage: f64,
+    /// Highest main-path stage reached.
+    pub main_stage: String,
+    /// Stage changes so far.
+    pub transitions: u32,
+    /// Cumulative seconds per stage visited (current visit included).
+    pub seconds_per_stage: BTreeMap<String, f64>,
+    /// Repeat purchase days (`x`), for buyers.
+    pub x: Option<f64>,
+    /// Recency in the model's time unit.
+    pub t_x: Option<f64>,
+    /// Age in the model's time unit.
+    #[serde(rename = "T")]
+    pub t: Option<f64>,
+    /// Time unit of `t_x` and `T`.
+    pub time_unit: String,
+    /// Completed orders.
+    pub orders: u32,
+    /// Total amount of completed orders.
+    pub spend: f64,
+    /// P(alive), for buyers.
+    pub p_alive: Option<f64>,
+    /// Expected purchases within the horizon, for buyers.
+    pub expected_purchases: Option<f64>,
+    /// Churn risk within [0, 1].
+    pub churn_risk: f64,
+    /// Which model produced the churn risk.
+    pub score_model: crate::scoring::ScoreSource,
+    /// Days since the last activity.
+    pub days_since_last_activity: f64,
+}
+
+impl ContactReport {
+    /// Describes one contact as of `now`.
+    pub fn new(engine: &Engine, key: &ContactKey, state: &ContactState, now: Timestamp) -> Self {
+        let model = &engine.model;
+        let score = engine.scorer.score(state, now);
+        let (contact_id, anonymous_id) = if key.anonymous {
+            (None, Some(key.id.to_string()))
+        } else {
+            (Some(key.id.to_string()), None)
+        };
+        let mut seconds_per_stage = BTreeMap::new();
+        for span in &state.history {
+            seconds_per_stage.insert(model.stage(span.stage).id.clone(), 0.0);
+        }
+        seconds_per_stage.insert(model.stage(state.stage).id.clone(), 0.0);
+        for (id, seconds) in seconds_per_stage.iter_mut() {
+            if let Some(stage) = model.find(id) {
+                *seconds = state.time_in_stage(stage, now) as f64 / 1000.0;
+            }
+        }
+        let history = state.purchase_history();
+        ContactReport {
+            contact_id,
+            anonymous_id,
+            stage: model.stage(state.stage).id.clone(),
+            stage_entered_at: format_timestamp(state.stage_entered_at),
+            seconds_in_stage: now.millis_since(state.stage_entered_at).max(0) as f64 / 1000.0,
+            main_stage: model.stage(state.main_stage).id.clone(),
+            transitions: state.seq,
+            seconds_per_stage,
+            x: score.x,
+            t_x: score.t_x,
+            t: score.t,
+            time_unit: engine.scorer.time_unit.to_string(),
+            orders: history.map_or(0, |history| history.completed_orders),
+            spend: history.map_or(0.0, |history| history.completed_amount),
+            p_alive: score.p_alive,
+            expected_purchases: score.expected_purchases,
+            churn_risk: score.churn_risk,
+            score_model: score.source,
+            days_since_last_activity: score.days_since_last_activity,
+        }
+    }
+}
+
+/// Writes every contact's state as JSON lines, sorted by key, scored as of `now`.
+pub fn write_state(processor: &Processor, now: Timestamp, out: &mut dyn Write) -> io::Result<()> {
+    let engine = processor.engine();
+    let mut keys: Vec<ContactKey> = processor.shard().iter().map(|entry| entry.key().clone()).collect();
+    keys.sort_unstable();
+    for key in keys {
+        if let Some(state) = processor.shard().get(&key) {
+            serde_json::to_writer(&mut *out, &ContactReport::new(engine, &key, &state, now))?;
+            out.write_all(b"\n")?;
+        }
+    }
+    Ok(())
+}
