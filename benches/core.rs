@@ -25,8 +25,15 @@ fn stream(contacts: u64) -> (Vec<Vec<u8>>, Vec<ContactEvent>) {
     };
     let mut bytes = Vec::new();
     generate(&options, &mut bytes, None).expect("generate");
-    let lines: Vec<Vec<u8>> = bytes.split(|byte| *byte == b'\n').filter(|line| !line.is_empty()).map(<[u8]>::to_vec).collect();
-    let events = lines.iter().map(|line| decode_event(line).expect("generated lines decode")).collect();
+    let lines: Vec<Vec<u8>> = bytes
+        .split(|byte| *byte == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    let events = lines
+        .iter()
+        .map(|line| decode_event(line).expect("generated lines decode"))
+        .collect();
     (lines, events)
 }
 
@@ -74,14 +81,23 @@ fn bench_scoring(c: &mut Criterion) {
     let buyer = processor
         .shard()
         .iter()
-        .find(|entry| entry.value().purchase_history().is_some_and(|history| history.repeat_days >= 2))
+        .find(|entry| {
+            entry
+                .value()
+                .purchase_history()
+                .is_some_and(|history| history.repeat_days >= 2)
+        })
         .map(|entry| entry.value().clone())
         .expect("a repeat buyer in the stream");
     let now = processor.watermark().plus_millis(30 * MILLIS_PER_DAY);
     let mut group = c.benchmark_group("scoring");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("churn_risk", |b| b.iter(|| black_box(engine.scorer.purchase_risk(black_box(&buyer), now))));
-    group.bench_function("full_score", |b| b.iter(|| black_box(engine.scorer.score(black_box(&buyer), now))));
+    group.bench_function("churn_risk", |b| {
+        b.iter(|| black_box(engine.scorer.purchase_risk(black_box(&buyer), now)))
+    });
+    group.bench_function("full_score", |b| {
+        b.iter(|| black_box(engine.scorer.score(black_box(&buyer), now)))
+    });
     group.finish();
 
     let keys: Vec<ContactKey> = processor.shard().iter().map(|entry| entry.key().clone()).collect();

@@ -78,13 +78,16 @@ fn contact_events(id: u64, at: Timestamp, next_index: &mut u64, out: &mut Vec<Co
 }
 
 fn main() {
-    let contacts: u64 = std::env::args().nth(1).and_then(|arg| arg.parse().ok()).unwrap_or(10_000_000);
+    let contacts: u64 = std::env::args()
+        .nth(1)
+        .and_then(|arg| arg.parse().ok())
+        .unwrap_or(10_000_000);
     let config = Config::builtin().expect("default config");
     let baseline_kib = status_kib("VmRSS:");
     let shard = Arc::new(new_shard(contacts as usize));
     let mut processor = Processor::new(Arc::new(config.engine), shard, config.processing);
     let start = Timestamp::from_millis(1_735_689_600_000); // 2025-01-01
-    // Spread first sightings over 180 days.
+                                                           // Spread first sightings over 180 days.
     let spacing = (180 * MILLIS_PER_DAY) / contacts.max(1) as i64;
     let mut out = Vec::new();
     let mut chunk = Vec::new();

@@ -197,7 +197,9 @@ impl Config {
             origin: origin.to_owned(),
             message,
         };
-        let mut table: toml::Table = text.parse().map_err(|error: toml::de::Error| syntax(error.to_string()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|error: toml::de::Error| syntax(error.to_string()))?;
         let builtin: toml::Table = DEFAULT_CONFIG_TOML
             .parse()
             .map_err(|error: toml::de::Error| syntax(format!("built-in default: {error}")))?;
@@ -207,7 +209,10 @@ impl Config {
         let mut problems = Vec::new();
         for (name, value) in overrides {
             if let Err(message) = apply_override(&mut table, &name, &value) {
-                problems.push(Problem { location: name, message });
+                problems.push(Problem {
+                    location: name,
+                    message,
+                });
             }
         }
         if !problems.is_empty() {
@@ -250,7 +255,11 @@ fn apply_override(table: &mut toml::Table, name: &str, value: &str) -> std::resu
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
         {
             toml::Value::Table(inner) => inner,
-            _ => return Err(format!("`{segment}` is not a table; only table fields can be overridden")),
+            _ => {
+                return Err(format!(
+                    "`{segment}` is not a table; only table fields can be overridden"
+                ))
+            }
         };
     }
     current.insert(last.clone(), parsed);
@@ -279,7 +288,10 @@ impl TableLines {
     }
 
     fn locate(lines: &[usize], array: &str, index: usize, field: &str) -> String {
-        let at = lines.get(index).map(|line| format!(" (line {line})")).unwrap_or_default();
+        let at = lines
+            .get(index)
+            .map(|line| format!(" (line {line})"))
+            .unwrap_or_default();
         if field.is_empty() {
             format!("{array}[{index}]{at}")
         } else {
@@ -326,7 +338,12 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
     let mut warnings = Problems(Vec::new());
 
     let scoring = &raw.scoring;
-    for (name, value) in [("r", scoring.r), ("alpha", scoring.alpha), ("a", scoring.a), ("b", scoring.b)] {
+    for (name, value) in [
+        ("r", scoring.r),
+        ("alpha", scoring.alpha),
+        ("a", scoring.a),
+        ("b", scoring.b),
+    ] {
         problems.positive(&format!("scoring.{name}"), value);
     }
     problems.positive("scoring.horizon_days", scoring.horizon_days);
@@ -357,19 +374,36 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
         problems.push("stages", "at least one stage is required");
     }
     if raw.stages.len() > MAX_STAGES {
-        problems.push("stages", format!("at most {MAX_STAGES} stages are supported, got {}", raw.stages.len()));
+        problems.push(
+            "stages",
+            format!("at most {MAX_STAGES} stages are supported, got {}", raw.stages.len()),
+        );
     }
     let mut stages: Vec<StageDef> = Vec::new();
     let mut next_rank = 0u8;
     for (index, stage) in raw.stages.iter().take(MAX_STAGES).enumerate() {
-        if stage.id.is_empty() || !stage.id.bytes().all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_') {
-            problems.push(lines.stage(index, "id"), format!("`{}` must be non-empty lowercase letters, digits and _", stage.id));
+        if stage.id.is_empty()
+            || !stage
+                .id
+                .bytes()
+                .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_')
+        {
+            problems.push(
+                lines.stage(index, "id"),
+                format!("`{}` must be non-empty lowercase letters, digits and _", stage.id),
+            );
         }
         if let Some(first) = raw.stages[..index].iter().position(|other| other.id == stage.id) {
-            problems.push(lines.stage(index, "id"), format!("`{}` is already used by stages[{first}]", stage.id));
+            problems.push(
+                lines.stage(index, "id"),
+                format!("`{}` is already used by stages[{first}]", stage.id),
+            );
         }
         if !stage.lost && !stage.reactivate_on.is_empty() {
-            problems.push(lines.stage(index, "reactivate_on"), "only lost stages are left by reactivation");
+            problems.push(
+                lines.stage(index, "reactivate_on"),
+                "only lost stages are left by reactivation",
+            );
         }
         let mut reactivate_on = Vec::new();
         for (position, matcher) in stage.reactivate_on.iter().enumerate() {
@@ -379,7 +413,10 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
             }
         }
         if stage.lost && stage.reactivate_on.is_empty() {
-            warnings.push(lines.stage(index, "reactivate_on"), "empty: contacts can never leave this lost stage");
+            warnings.push(
+                lines.stage(index, "reactivate_on"),
+                "empty: contacts can never leave this lost stage",
+            );
         }
         let rank = (!stage.lost).then(|| {
             next_rank += 1;
@@ -475,7 +512,10 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
         problems.probability(lines.rule(index, "max_churn_risk"), raw_rule.max_churn_risk);
         if let (Some(min), Some(max)) = (raw_rule.min_churn_risk, raw_rule.max_churn_risk) {
             if min >= max {
-                problems.push(lines.rule(index, "max_churn_risk"), format!("must be above min_churn_risk ({min}), got {max}"));
+                problems.push(
+                    lines.rule(index, "max_churn_risk"),
+                    format!("must be above min_churn_risk ({min}), got {max}"),
+                );
             }
         }
         if let Some(days) = raw_rule.min_inactive_days {
@@ -484,7 +524,10 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
         if let Some(within) = &raw_rule.min_purchase_days_within {
             problems.positive(&lines.rule(index, "min_purchase_days_within.days"), within.days);
             if within.count == 0 {
-                problems.push(lines.rule(index, "min_purchase_days_within.count"), "must be at least 1");
+                problems.push(
+                    lines.rule(index, "min_purchase_days_within.count"),
+                    "must be at least 1",
+                );
             }
         }
         if let Some(min) = raw_rule.min_engagement {
@@ -493,7 +536,10 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
             }
         }
         if on.is_empty() && conditions == Conditions::default() && raw_rule.on.is_empty() {
-            problems.push(lines.rule(index, ""), "has neither `on` events nor conditions: it would fire on everything");
+            problems.push(
+                lines.rule(index, ""),
+                "has neither `on` events nor conditions: it would fire on everything",
+            );
         }
         let reason = raw_rule.reason.clone().unwrap_or_else(|| raw_rule.to.clone());
         if reason.is_empty() {
@@ -510,7 +556,10 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
     for (index, stage) in stages.iter().enumerate() {
         let reachable = stage.rank == Some(0) || u8::try_from(index).is_ok_and(|id| reached.contains(StageId(id)));
         if !reachable {
-            warnings.push(lines.stage(index, ""), format!("no rule moves contacts into `{}`", stage.id));
+            warnings.push(
+                lines.stage(index, ""),
+                format!("no rule moves contacts into `{}`", stage.id),
+            );
         }
     }
 
@@ -565,8 +614,18 @@ mod tests {
         assert_eq!(
             ids,
             [
-                "visitor", "lead", "hot_lead", "payment", "customer", "repeat_customer", "core_customer", "advocate",
-                "cold_lead", "disqualified", "at_risk", "lost_customer"
+                "visitor",
+                "lead",
+                "hot_lead",
+                "payment",
+                "customer",
+                "repeat_customer",
+                "core_customer",
+                "advocate",
+                "cold_lead",
+                "disqualified",
+                "at_risk",
+                "lost_customer"
             ]
         );
         assert!(config.warnings.is_empty(), "{:?}", config.warnings);
@@ -620,7 +679,9 @@ min_churn_risk = 1.5
 
     #[test]
     fn unknown_fields_and_wrong_types_are_named() {
-        let error = load("[scoring]\nmodel = \"bg-nbd\"\nhorizon = 3\n").unwrap_err().to_string();
+        let error = load("[scoring]\nmodel = \"bg-nbd\"\nhorizon = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("horizon"), "{error}");
         let error = load("[processing]\nlate_event_grace_hours = \"soon\"\ntimer_sweep_minutes = 1\n")
             .unwrap_err()

@@ -465,10 +465,19 @@ impl PurchaseHistory {
                 *record != before
             }
             None => {
+                // Most buyers place a handful of orders: grow one at a time while small, then
+                // by doubling so heavy buyers stay linear.
+                if self.orders.len() < 8 {
+                    self.orders.reserve_exact(1);
+                }
                 self.orders.push(OrderRecord {
                     order,
                     placed_at,
-                    amount: if status == PurchaseStatus::Completed { amount } else { 0.0 },
+                    amount: if status == PurchaseStatus::Completed {
+                        amount
+                    } else {
+                        0.0
+                    },
                     status,
                 });
                 true
@@ -487,7 +496,11 @@ impl PurchaseHistory {
         let mut distinct_days = 0u32;
         let mut completed_orders = 0u32;
         let mut completed_amount = 0.0;
-        for record in self.orders.iter().filter(|record| record.status == PurchaseStatus::Completed) {
+        for record in self
+            .orders
+            .iter()
+            .filter(|record| record.status == PurchaseStatus::Completed)
+        {
             let day = record.placed_at.day();
             if last_day != Some(day) {
                 distinct_days += 1;
@@ -584,9 +597,9 @@ pub const RECENT_EVENTS: usize = 4;
 
 /// Everything the service remembers about one contact.
 ///
-/// Sized for tens of millions of contacts per instance: fixed fields are small and plain, and
-/// what only some contacts need (stage history, orders, identifiers) lives behind one pointer
-/// each, allocated on first use.
+/// Sized for tens of millions of contacts per instance: the fixed part is small and plain, and
+/// what only some contacts need (stage history, orders, identifiers) lives behind one pointer,
+/// allocated on first use. Most contacts are one-visit visitors that never need it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ContactState {
     /// Current stage.
@@ -595,28 +608,49 @@ pub struct ContactState {
     pub main_stage: StageId,
     /// Number of stage changes emitted so far; the next one gets `seq + 1`.
     pub seq: u32,
+    /// Engagement score as of `engaged_at` (decays exponentially after it).
+    pub engagement: f32,
+    /// Bookkeeping of the processor's timer wheel: the sweep bucket the contact is filed under
+    /// (0 = not filed). Not part of the lifecycle; fits in padding.
+    pub timer_bucket: u32,
     /// When the current stage was entered.
     pub stage_entered_at: Timestamp,
     /// The time the state has been advanced to (latest event or timer applied).
     pub clock: Timestamp,
     /// Last activity of any kind (for inactivity rules).
     pub last_activity_at: Timestamp,
+    /// When `engagement` was last updated.
+    pub engaged_at: Timestamp,
+    /// Fingerprints of the most recent event ids (0 = empty slot), oldest first.
+    pub recent_events: [u64; RECENT_EVENTS],
+    /// History, orders and identifiers, for contacts that have any.
+    pub extra: Option<Box<ContactExtra>>,
+}
+
+/// The parts of a contact's state that only some contacts need.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContactExtra {
+    /// Completed visits of past stages (the current stage's visit is open).
+    pub history: Vec<StageSpan>,
+    /// Orders, for buyers.
+    pub purchases: Option<Box<PurchaseHistory>>,
+    /// Identifiers for attribution, when any were seen.
+    pub identity: Option<Box<Identity>>,
     /// Cached: the first whole second at which the contact's churn risk reaches the lowest
     /// threshold of a rule that applies from its stage ([`Timestamp::NEVER`] if none). It only
     /// changes when purchases or the stage change, so timers need not recompute it per event.
     pub risk_due: Timestamp,
-    /// Engagement score as of `engaged_at` (decays exponentially after it).
-    pub engagement: f32,
-    /// When `engagement` was last updated.
-    pub engaged_at: Timestamp,
-    /// Fingerprints of the most recent event ids, newest last slot rotating.
-    pub recent_events: [u64; RECENT_EVENTS],
-    /// Completed visits of past stages (the current stage's visit is open).
-    pub history: Vec<StageSpan>,
-    /// Orders, for buyers only.
-    pub purchases: Option<Box<PurchaseHistory>>,
-    /// Identifiers for attribution, when any were seen.
-    pub identity: Option<Box<Identity>>,
+}
+
+impl Default for ContactExtra {
+    fn default() -> Self {
+        ContactExtra {
+            history: Vec::new(),
+            purchases: None,
+            identity: None,
+            risk_due: Timestamp::NEVER,
+        }
+    }
 }
 
 impl ContactState {
@@ -626,16 +660,14 @@ impl ContactState {
             stage,
             main_stage,
             seq: 0,
+            engagement: 0.0,
+            timer_bucket: 0,
             stage_entered_at: at,
             clock: at,
             last_activity_at: at,
-            risk_due: Timestamp::NEVER,
-            engagement: 0.0,
             engaged_at: at,
             recent_events: [0; RECENT_EVENTS],
-            history: Vec::new(),
-            purchases: None,
-            identity: None,
+            extra: None,
         }
     }
 
@@ -649,15 +681,35 @@ impl ContactState {
         true
     }
 
-    /// The purchase history, empty for contacts who never bought.
+    /// The optional parts, allocated on first use.
+    pub fn extra_mut(&mut self) -> &mut ContactExtra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
+    /// Completed visits of past stages.
+    pub fn history(&self) -> &[StageSpan] {
+        self.extra.as_deref().map_or(&[], |extra| extra.history.as_slice())
+    }
+
+    /// The purchase history, `None` for contacts who never bought.
     pub fn purchase_history(&self) -> Option<&PurchaseHistory> {
-        self.purchases.as_deref()
+        self.extra.as_deref()?.purchases.as_deref()
+    }
+
+    /// Identifiers seen, if any.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.extra.as_deref()?.identity.as_deref()
+    }
+
+    /// See [`ContactExtra::risk_due`].
+    pub fn risk_due(&self) -> Timestamp {
+        self.extra.as_deref().map_or(Timestamp::NEVER, |extra| extra.risk_due)
     }
 
     /// Cumulative time in `stage` as of `now`, including the open visit if it is current.
     pub fn time_in_stage(&self, stage: StageId, now: Timestamp) -> i64 {
         let closed = self
-            .history
+            .history()
             .iter()
             .find(|span| span.stage == stage)
             .map_or(0, |span| span.total_millis);
@@ -672,20 +724,25 @@ impl ContactState {
     /// Closes the visit of the current stage at `at` and opens one of `next`.
     pub fn move_to(&mut self, next: StageId, at: Timestamp) {
         let spent = at.millis_since(self.stage_entered_at).max(0);
-        let entered = self.stage_entered_at;
-        match self.history.iter_mut().find(|span| span.stage == self.stage) {
+        let (current, entered) = (self.stage, self.stage_entered_at);
+        let history = &mut self.extra_mut().history;
+        match history.iter_mut().find(|span| span.stage == current) {
             Some(span) => {
                 span.visits += 1;
                 span.last_exited_at = at;
                 span.total_millis += spent;
             }
-            None => self.history.push(StageSpan {
-                stage: self.stage,
-                visits: 1,
-                first_entered_at: entered,
-                last_exited_at: at,
-                total_millis: spent,
-            }),
+            None => {
+                // Most contacts visit few stages: grow one at a time, not by doubling.
+                history.reserve_exact(1);
+                history.push(StageSpan {
+                    stage: current,
+                    visits: 1,
+                    first_entered_at: entered,
+                    last_exited_at: at,
+                    total_millis: spent,
+                });
+            }
         }
         self.stage = next;
         self.stage_entered_at = at;

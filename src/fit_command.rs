@@ -10,9 +10,10 @@ use std::io::{self, BufRead};
 
 use serde::Serialize;
 
-use crate::domain::Timestamp;
+use crate::domain::{PurchaseStatus, Timestamp};
 use crate::processor::Processor;
 use crate::scoring::fit::{compress, fit, FitReport, WeightedRfm};
+use crate::scoring::gamma_gamma::{GammaGammaFit, SpendRow};
 use crate::scoring::{ChurnScorer, ModelKind, Rfm, TimeUnit};
 
 /// Why fitting input could not be read.
@@ -50,13 +51,19 @@ pub fn read_summary(input: impl BufRead) -> Result<Vec<Rfm>, SummaryError> {
         if text.is_empty() {
             continue;
         }
-        let row = |reason: String| SummaryError::Row { line: index + 1, reason };
+        let row = |reason: String| SummaryError::Row {
+            line: index + 1,
+            reason,
+        };
         let cells: Vec<&str> = text.split(',').map(str::trim).collect();
         if cells.len() != 4 {
             return Err(row(format!("expected 4 columns, got {}", cells.len())));
         }
         let mut numbers = [0.0; 3];
-        for (slot, (name, cell)) in numbers.iter_mut().zip(["frequency", "recency", "T"].iter().zip(&cells[1..])) {
+        for (slot, (name, cell)) in numbers
+            .iter_mut()
+            .zip(["frequency", "recency", "T"].iter().zip(&cells[1..]))
+        {
             *slot = cell
                 .parse::<f64>()
                 .ok()
@@ -85,6 +92,45 @@ pub fn statistics_from_state(processor: &Processor, time_unit: TimeUnit, now: Ti
         .collect()
 }
 
+/// Every repeat buyer's spend summary for the Gamma-Gamma model: `x` repeat purchase days and
+/// the mean amount per repeat purchase day (orders on one day summed; the first day left out, as
+/// in Fader, Hardie & Lee 2005). Buyers without a repeat day carry no spend information.
+pub fn spend_rows_from_state(processor: &Processor) -> Vec<SpendRow> {
+    let mut rows = Vec::new();
+    for entry in processor.shard().iter() {
+        let Some(history) = entry.value().purchase_history() else {
+            continue;
+        };
+        let Some(first_day) = history.first_day else { continue };
+        let mut days = 0u32;
+        let mut total = 0.0;
+        let mut last_day = None;
+        for order in history
+            .orders
+            .iter()
+            .filter(|order| order.status == PurchaseStatus::Completed)
+        {
+            let day = order.placed_at.day();
+            if day == first_day {
+                continue;
+            }
+            if last_day != Some(day) {
+                days += 1;
+                last_day = Some(day);
+            }
+            total += order.amount;
+        }
+        if days > 0 && total > 0.0 {
+            rows.push(SpendRow {
+                x: f64::from(days),
+                m_x: total / f64::from(days),
+                weight: 1.0,
+            });
+        }
+    }
+    rows
+}
+
 /// The `fit --json` output.
 #[derive(Debug, Serialize)]
 pub struct FitOutput {
@@ -110,10 +156,17 @@ pub struct FitOutput {
     pub iterations: u64,
     /// Whether the optimiser met its convergence criterion.
     pub converged: bool,
+    /// The Gamma-Gamma spend model, fitted when the input has amounts (`--events`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gamma_gamma: Option<GammaGammaFit>,
 }
 
 /// Fits `kind` to `rows`.
-pub fn fit_rows(kind: ModelKind, rows: Vec<Rfm>, time_unit: TimeUnit) -> Result<FitOutput, crate::scoring::fit::FitError> {
+pub fn fit_rows(
+    kind: ModelKind,
+    rows: Vec<Rfm>,
+    time_unit: TimeUnit,
+) -> Result<FitOutput, crate::scoring::fit::FitError> {
     let weighted: Vec<WeightedRfm> = compress(rows);
     let FitReport {
         model,
@@ -134,6 +187,7 @@ pub fn fit_rows(kind: ModelKind, rows: Vec<Rfm>, time_unit: TimeUnit) -> Result<
         distinct_rows: weighted.len(),
         iterations,
         converged,
+        gamma_gamma: None,
     })
 }
 
@@ -145,7 +199,14 @@ mod tests {
     fn summary_rows_are_checked() {
         let rows = read_summary("ID,frequency,recency,T\n1,2,30.43,38.86\n\n2,0,0,38.86\n".as_bytes()).unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0], Rfm { x: 2.0, t_x: 30.43, t: 38.86 });
+        assert_eq!(
+            rows[0],
+            Rfm {
+                x: 2.0,
+                t_x: 30.43,
+                t: 38.86
+            }
+        );
         let error = read_summary("ID,frequency,recency,T\n1,2,40,38.86\n".as_bytes()).unwrap_err();
         assert_eq!(error.to_string(), "line 2: recency 40 exceeds T 38.86");
         let error = read_summary("id,x\n".as_bytes()).unwrap_err();

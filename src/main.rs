@@ -14,13 +14,18 @@ use clap::{Parser, Subcommand};
 use lifecycle_scorer::codec::parse_time_argument;
 use lifecycle_scorer::config::{Config, ConfigError};
 use lifecycle_scorer::domain::Timestamp;
-use lifecycle_scorer::fit_command::{fit_rows, read_summary, statistics_from_state};
+use lifecycle_scorer::fit_command::{fit_rows, read_summary, spend_rows_from_state, statistics_from_state};
 use lifecycle_scorer::generate::{generate, GenerateOptions};
 use lifecycle_scorer::replay::{replay, write_state, ReplayOptions};
+use lifecycle_scorer::scoring::gamma_gamma::fit_gamma_gamma;
 use lifecycle_scorer::scoring::{ModelKind, TimeUnit};
 
 #[derive(Debug, Parser)]
-#[command(name = "lifecycle-scorer", version, about = "Customer lifecycle stages and calibrated churn risk from behaviour streams")]
+#[command(
+    name = "lifecycle-scorer",
+    version,
+    about = "Customer lifecycle stages and calibrated churn risk from behaviour streams"
+)]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `lifecycle_scorer=debug`.
     #[arg(long, global = true, env = "LIFECYCLE_SCORER_LOG", default_value = "info")]
@@ -129,8 +134,11 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -219,6 +227,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             config,
             json,
         } => {
+            let mut spend = Vec::new();
             let rows = match (summary, events) {
                 (Some(path), _) => {
                     let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -232,12 +241,23 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                         max_errors_shown: 20,
                         capacity: 0,
                     };
-                    let (_, processor) = replay(Arc::new(config.engine), config.processing, reader, &mut io::sink(), &mut io::stderr(), options)?;
+                    let (_, processor) = replay(
+                        Arc::new(config.engine),
+                        config.processing,
+                        reader,
+                        &mut io::sink(),
+                        &mut io::stderr(),
+                        options,
+                    )?;
+                    spend = spend_rows_from_state(&processor);
                     statistics_from_state(&processor, time_unit, as_of.unwrap_or(processor.watermark()))
                 }
                 (None, None) => bail!("give --summary or --events"),
             };
-            let fitted = fit_rows(model, rows, time_unit)?;
+            let mut fitted = fit_rows(model, rows, time_unit)?;
+            if !spend.is_empty() {
+                fitted.gamma_gamma = Some(fit_gamma_gamma(&spend)?);
+            }
             if json {
                 println!("{}", serde_json::to_string(&fitted)?);
             } else {
@@ -246,6 +266,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     fitted.model, fitted.customers, fitted.distinct_rows, fitted.time_unit, fitted.r, fitted.alpha, fitted.a, fitted.b,
                     fitted.log_likelihood, fitted.iterations, fitted.converged
                 );
+                if let Some(spend) = &fitted.gamma_gamma {
+                    println!(
+                        "gamma-gamma spend model on {} repeat buyers:\n  p = {:.6}\n  q = {:.6}\n  v = {:.6}\n  log-likelihood = {:.4}",
+                        spend.customers, spend.params.p, spend.params.q, spend.params.v, spend.log_likelihood
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -257,7 +283,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             output,
             truth,
         } => {
-            let options = GenerateOptions { contacts, days, seed, start };
+            let options = GenerateOptions {
+                contacts,
+                days,
+                seed,
+                start,
+            };
             let truth_path = truth.or_else(|| (output != "-").then(|| PathBuf::from(format!("{output}.truth.jsonl"))));
             let mut events: Box<dyn Write> = if output == "-" {
                 Box::new(BufWriter::with_capacity(1 << 20, io::stdout().lock()))
@@ -265,7 +296,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Box::new(create_output(Path::new(&output))?)
             };
             let mut truth_writer = truth_path.as_deref().map(create_output).transpose()?;
-            let summary = generate(&options, &mut events, truth_writer.as_mut().map(|writer| writer as &mut dyn Write))?;
+            let summary = generate(
+                &options,
+                &mut events,
+                truth_writer.as_mut().map(|writer| writer as &mut dyn Write),
+            )?;
             events.flush()?;
             if let Some(writer) = truth_writer.as_mut() {
                 writer.flush()?;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::Processing;
-use crate::domain::{ContactEvent, ContactKey, StageChange, Timestamp};
+use crate::domain::{ContactEvent, ContactKey, ContactState, StageChange, Timestamp};
 use crate::lifecycle::{Applied, Engine};
 use crate::state::Shard;
 
@@ -36,9 +36,11 @@ pub struct Processor {
     engine: Arc<Engine>,
     shard: Arc<Shard>,
     sweep_millis: i64,
-    /// Contacts with a pending timer, by sweep bucket (`next_due / sweep_millis`). Entries may
-    /// be stale (the contact moved on); a sweep re-checks each and re-files it.
-    wheel: BTreeMap<i64, Vec<ContactKey>>,
+    /// Contacts with a pending timer, by sweep bucket (`next_due / sweep_millis`). A contact
+    /// is filed at most once where it counts: under `ContactState::timer_bucket`, at or before
+    /// its due bucket. When its due time moves later the entry stays (the sweep re-files it);
+    /// when it moves earlier a new entry is filed and the old one becomes stale and is skipped.
+    wheel: BTreeMap<u32, Vec<ContactKey>>,
     /// Highest event time seen: the partition's event-time clock.
     watermark: Timestamp,
     stats: ProcessorStats,
@@ -77,8 +79,8 @@ impl Processor {
         &self.engine
     }
 
-    fn bucket(&self, at: Timestamp) -> i64 {
-        at.millis().div_euclid(self.sweep_millis)
+    fn bucket(&self, at: Timestamp) -> u32 {
+        bucket_of(at, self.sweep_millis)
     }
 
     /// Applies one event, pushing the stage changes it causes onto `out`. When the event moves
@@ -97,19 +99,21 @@ impl Processor {
             return Applied::Duplicate;
         };
         let emitted_before = out.len();
-        let (applied, due_before, due_after) = match self.shard.get_mut(&key) {
+        let applied = match self.shard.get_mut(&key) {
             Some(mut state) => {
-                let due_before = self.engine.next_due(&state);
                 let applied = self.engine.apply(&key, &mut state, event, out);
-                (applied, due_before, self.engine.next_due(&state))
+                let due = self.engine.next_due(&state);
+                file(&mut self.wheel, self.sweep_millis, &key, &mut state, due);
+                applied
             }
             None => {
-                let mut state = self.engine.new_contact(at);
+                let mut state = Box::new(self.engine.new_contact(at));
                 let applied = self.engine.apply(&key, &mut state, event, out);
-                let due_after = self.engine.next_due(&state);
-                self.shard.insert(key.clone(), state);
+                let due = self.engine.next_due(&state);
+                file(&mut self.wheel, self.sweep_millis, &key, &mut state, due);
+                self.shard.insert(key, state);
                 self.stats.contacts_created += 1;
-                (applied, Timestamp::NEVER, due_after)
+                applied
             }
         };
         match applied {
@@ -118,10 +122,6 @@ impl Processor {
             Applied::Applied => {}
         }
         self.stats.stage_changes += (out.len() - emitted_before) as u64;
-        if due_after != Timestamp::NEVER && (due_before == Timestamp::NEVER || self.bucket(due_after) != self.bucket(due_before)) {
-            let bucket = self.bucket(due_after);
-            self.wheel.entry(bucket).or_default().push(key);
-        }
         applied
     }
 
@@ -134,26 +134,29 @@ impl Processor {
             if *entry.key() > last {
                 break;
             }
-            let keys = entry.remove();
+            let (bucket, keys) = entry.remove_entry();
             let mut refile = Vec::new();
             for key in keys {
-                let Some(mut state) = self.shard.get_mut(&key) else { continue };
-                let was_due = self.engine.next_due(&state) <= now;
-                if was_due {
+                let Some(mut state) = self.shard.get_mut(&key) else {
+                    continue;
+                };
+                if state.timer_bucket != bucket {
+                    continue; // stale: filed again earlier since
+                }
+                state.timer_bucket = 0;
+                if self.engine.next_due(&state) <= now {
                     self.engine.advance_to(&key, &mut state, now, out);
                 }
                 let due = self.engine.next_due(&state);
-                drop(state);
-                // Re-file contacts this sweep owns: those it advanced, and those due later in
-                // a bucket being emptied. Any other entry is stale: `process` filed the contact
-                // again when its due time moved.
-                if due != Timestamp::NEVER && (was_due || self.bucket(due) <= last) {
+                if due != Timestamp::NEVER {
                     // Never back into a bucket this loop is emptying, or it would not end.
-                    refile.push((self.bucket(due).max(last + 1), key));
+                    let target = self.bucket(due).max(last.saturating_add(1));
+                    state.timer_bucket = target;
+                    refile.push((target, key));
                 }
             }
-            for (bucket, key) in refile {
-                self.wheel.entry(bucket).or_default().push(key);
+            for (target, key) in refile {
+                self.wheel.entry(target).or_default().push(key);
             }
         }
         let fired = &mut out[emitted_before..];
@@ -164,5 +167,29 @@ impl Processor {
         self.stats.stage_changes += count;
         self.stats.timer_changes += count;
         self.watermark = self.watermark.max(now);
+    }
+}
+
+/// The sweep bucket of an instant, from 1 (0 means "not filed").
+fn bucket_of(at: Timestamp, sweep_millis: i64) -> u32 {
+    let bucket = at.millis().div_euclid(sweep_millis).saturating_add(1);
+    u32::try_from(bucket.max(1)).unwrap_or(u32::MAX)
+}
+
+/// Files `key` under the bucket of `due` unless it is already filed no later than that.
+fn file(
+    wheel: &mut BTreeMap<u32, Vec<ContactKey>>,
+    sweep_millis: i64,
+    key: &ContactKey,
+    state: &mut ContactState,
+    due: Timestamp,
+) {
+    if due == Timestamp::NEVER {
+        return;
+    }
+    let bucket = bucket_of(due, sweep_millis);
+    if state.timer_bucket == 0 || bucket < state.timer_bucket {
+        state.timer_bucket = bucket;
+        wheel.entry(bucket).or_default().push(key.clone());
     }
 }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::codec::json::{decode_event, StageChangeRecord};
 use crate::codec::format_timestamp;
+use crate::codec::json::{decode_event, StageChangeRecord};
 use crate::config::Processing;
 use crate::domain::{ContactKey, ContactState, StageChange, Timestamp};
 use crate::lifecycle::{Engine, StageModel};
@@ -57,7 +57,14 @@ pub struct ReplaySummary {
 
 /// Replays `input`, writing stage changes to `changes` and bad-line reports to `errors`.
 /// Returns the summary and the processor holding the final state.
-pub fn replay(engine: Arc<Engine>, processing: Processing, input: impl BufRead, changes: &mut dyn Write, errors: &mut dyn Write, options: ReplayOptions) -> io::Result<(ReplaySummary, Processor)> {
+pub fn replay(
+    engine: Arc<Engine>,
+    processing: Processing,
+    input: impl BufRead,
+    changes: &mut dyn Write,
+    errors: &mut dyn Write,
+    options: ReplayOptions,
+) -> io::Result<(ReplaySummary, Processor)> {
     let shard = Arc::new(new_shard(options.capacity));
     let mut processor = Processor::new(engine.clone(), shard, processing);
     let mut summary = ReplaySummary::default();
@@ -101,7 +108,11 @@ pub fn replay(engine: Arc<Engine>, processing: Processing, input: impl BufRead, 
         out.clear();
     }
     if error_count > options.max_errors_shown as u64 {
-        writeln!(errors, "... {} more bad lines not shown", error_count - options.max_errors_shown as u64)?;
+        writeln!(
+            errors,
+            "... {} more bad lines not shown",
+            error_count - options.max_errors_shown as u64
+        )?;
     }
     let stats = processor.stats();
     summary.duplicates = stats.duplicates;
@@ -180,7 +191,7 @@ impl ContactReport {
             (Some(key.id.to_string()), None)
         };
         let mut seconds_per_stage = BTreeMap::new();
-        for span in &state.history {
+        for span in state.history() {
             seconds_per_stage.insert(model.stage(span.stage).id.clone(), 0.0);
         }
         seconds_per_stage.insert(model.stage(state.stage).id.clone(), 0.0);

@@ -1,6 +1,8 @@
 //! Streaming the CDNOW calibration transactions as purchase events and scoring as of
 //! 1997-09-30 gives exactly the published summary's (x, t_x, T) for all 2,357 customers.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -21,7 +23,11 @@ fn replaying_cdnow_transactions_reproduces_the_summary_statistics() {
 
     let events = common::cdnow_purchase_events(&transactions);
     let config = Config::builtin().unwrap();
-    assert_eq!(config.engine.scorer.time_unit, TimeUnit::Weeks, "the CDNOW summary is in weeks");
+    assert_eq!(
+        config.engine.scorer.time_unit,
+        TimeUnit::Weeks,
+        "the CDNOW summary is in weeks"
+    );
     let as_of = parse_time_argument("1997-09-30").unwrap();
     let options = ReplayOptions {
         as_of: Some(as_of),
@@ -54,10 +60,16 @@ fn replaying_cdnow_transactions_reproduces_the_summary_statistics() {
         let id = index + 1;
         let got = actual[&id];
         // The summary rounds to two decimals.
-        let same = got.x == want.x && (got.t_x - want.t_x).abs() <= 0.005 + 1e-9 && (got.t - want.t).abs() <= 0.005 + 1e-9;
+        let same =
+            got.x == want.x && (got.t_x - want.t_x).abs() <= 0.005 + 1e-9 && (got.t - want.t).abs() <= 0.005 + 1e-9;
         if !same {
             mismatches.push(format!("customer {id}: got {got:?}, summary {want:?}"));
         }
     }
-    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches[..mismatches.len().min(20)].join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches[..mismatches.len().min(20)].join("\n")
+    );
 }

@@ -1,5 +1,7 @@
 //! The binary's commands, run as a user runs them.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Write;
@@ -33,7 +35,11 @@ fn check_config_accepts_the_shipped_file_and_locates_every_problem() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/lifecycle-scorer.toml");
     let output = run(binary().args(["check-config", shipped]), b"");
     assert!(output.status.success(), "{}", text(&output.stdout));
-    assert!(text(&output.stdout).contains("ok (12 stages, 15 rules, 0 warning(s))"), "{}", text(&output.stdout));
+    assert!(
+        text(&output.stdout).contains("ok (12 stages, 15 rules, 0 warning(s))"),
+        "{}",
+        text(&output.stdout)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
@@ -45,7 +51,11 @@ fn check_config_accepts_the_shipped_file_and_locates_every_problem() {
     let output = run(binary().args(["check-config"]).arg(&bad), b"");
     assert_eq!(output.status.code(), Some(1));
     let report = text(&output.stdout);
-    for expected in ["scoring.r: must be a positive number, got -1", "scoring.horizon_days", "rules[0].to (line 14): unknown stage `nowhere`"] {
+    for expected in [
+        "scoring.r: must be a positive number, got -1",
+        "scoring.horizon_days",
+        "rules[0].to (line 14): unknown stage `nowhere`",
+    ] {
         assert!(report.contains(expected), "missing `{expected}` in:\n{report}");
     }
 }
@@ -53,21 +63,37 @@ fn check_config_accepts_the_shipped_file_and_locates_every_problem() {
 #[test]
 fn replay_reports_bad_lines_and_carries_on() {
     let input = concat!(
-        r#"{"source":"clickstream","event_id":"e1","contact_id":"c1","occurred_at":"2025-01-01T00:00:00Z","type":"signup"}"#, "\n",
-        "not json\n",
-        r#"{"source":"purchase","event_id":"e2","contact_id":"c1","occurred_at":"2025-01-02T00:00:00Z","order_id":"o1","amount":-5,"currency":"EUR","status":"completed"}"#, "\n",
-        r#"{"source":"clickstream","event_id":"e3","contact_id":"c1","occurred_at":"2025-01-02T00:00:00Z","type":"teleport"}"#, "\n",
+        r#"{"source":"clickstream","event_id":"e1","contact_id":"c1","occurred_at":"2025-01-01T00:00:00Z","type":"signup"}"#,
         "\n",
-        r#"{"source":"purchase","event_id":"e4","contact_id":"c1","occurred_at":"2025-01-03T00:00:00Z","order_id":"o1","amount":5,"currency":"EUR","status":"completed"}"#, "\n",
+        "not json\n",
+        r#"{"source":"purchase","event_id":"e2","contact_id":"c1","occurred_at":"2025-01-02T00:00:00Z","order_id":"o1","amount":-5,"currency":"EUR","status":"completed"}"#,
+        "\n",
+        r#"{"source":"clickstream","event_id":"e3","contact_id":"c1","occurred_at":"2025-01-02T00:00:00Z","type":"teleport"}"#,
+        "\n",
+        "\n",
+        r#"{"source":"purchase","event_id":"e4","contact_id":"c1","occurred_at":"2025-01-03T00:00:00Z","order_id":"o1","amount":5,"currency":"EUR","status":"completed"}"#,
+        "\n",
     );
     let output = run(binary().args(["replay", "--input", "-"]), input.as_bytes());
     assert!(output.status.success());
     let stderr = text(&output.stderr);
     assert!(stderr.contains("line 2: invalid JSON"), "{stderr}");
-    assert!(stderr.contains("line 3: field `amount`: must be a non-negative number, got -5"), "{stderr}");
-    assert!(stderr.contains("line 4: field `type`: unknown value `teleport`"), "{stderr}");
-    let changes: Vec<serde_json::Value> = text(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
-    let stages: Vec<&str> = changes.iter().map(|change| change["to_stage"].as_str().unwrap()).collect();
+    assert!(
+        stderr.contains("line 3: field `amount`: must be a non-negative number, got -5"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 4: field `type`: unknown value `teleport`"),
+        "{stderr}"
+    );
+    let changes: Vec<serde_json::Value> = text(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let stages: Vec<&str> = changes
+        .iter()
+        .map(|change| change["to_stage"].as_str().unwrap())
+        .collect();
     assert_eq!(stages, ["lead", "customer"]);
     let summary_start = stderr.find("{\n").unwrap();
     let summary: serde_json::Value = serde_json::from_str(&stderr[summary_start..]).unwrap();
@@ -82,12 +108,33 @@ fn replay_reports_bad_lines_and_carries_on() {
 fn generate_then_replay_is_deterministic_and_writes_state() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
-    let output = run(binary().args(["generate", "--contacts", "2000", "--days", "120", "--seed", "5", "--output"]).arg(&events), b"");
+    let output = run(
+        binary()
+            .args([
+                "generate",
+                "--contacts",
+                "2000",
+                "--days",
+                "120",
+                "--seed",
+                "5",
+                "--output",
+            ])
+            .arg(&events),
+        b"",
+    );
     assert!(output.status.success(), "{}", text(&output.stderr));
-    assert!(dir.path().join("events.jsonl.truth.jsonl").exists(), "ground truth is written beside the events");
+    assert!(
+        dir.path().join("events.jsonl.truth.jsonl").exists(),
+        "ground truth is written beside the events"
+    );
     let replay = |state: &std::path::Path| {
         let output = run(
-            binary().args(["replay", "--as-of", "2025-06-01", "--input"]).arg(&events).arg("--state-out").arg(state),
+            binary()
+                .args(["replay", "--as-of", "2025-06-01", "--input"])
+                .arg(&events)
+                .arg("--state-out")
+                .arg(state),
             b"",
         );
         assert!(output.status.success(), "{}", text(&output.stderr));
@@ -111,7 +158,10 @@ fn generate_then_replay_is_deterministic_and_writes_state() {
     let mut ids = std::collections::HashSet::new();
     for line in text(&first).lines() {
         let change: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert!(ids.insert(change["event_id"].as_str().unwrap().to_owned()), "duplicate event_id in {line}");
+        assert!(
+            ids.insert(change["event_id"].as_str().unwrap().to_owned()),
+            "duplicate event_id in {line}"
+        );
     }
 }
 
@@ -125,7 +175,58 @@ fn fit_prints_the_published_cdnow_parameters_as_json() {
     assert_eq!(fitted["time_unit"], "weeks");
     for (name, published) in [("r", 0.243), ("alpha", 4.414), ("a", 0.793), ("b", 2.426)] {
         let value = fitted[name].as_f64().unwrap();
-        assert!((value - published).abs() < 0.002, "{name} = {value}, published {published}");
+        assert!(
+            (value - published).abs() < 0.002,
+            "{name} = {value}, published {published}"
+        );
     }
     assert!((fitted["log_likelihood"].as_f64().unwrap() + 9582.4).abs() < 0.1);
+}
+
+#[test]
+fn fit_from_events_recovers_the_generators_parameters() {
+    // The generator's buyers follow BG/NBD and Gamma-Gamma with the CDNOW parameters; replaying
+    // the stream and fitting must find them again (within sampling error at ~11k buyers).
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let output = run(
+        binary()
+            .args([
+                "generate",
+                "--contacts",
+                "40000",
+                "--days",
+                "365",
+                "--seed",
+                "3",
+                "--output",
+            ])
+            .arg(&events),
+        b"",
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let output = run(
+        binary()
+            .args(["fit", "--json", "--time-unit", "weeks", "--events"])
+            .arg(&events),
+        b"",
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let fitted: serde_json::Value = serde_json::from_str(text(&output.stdout).trim()).unwrap();
+    assert_eq!(fitted["converged"], true);
+    let close = |value: &serde_json::Value, truth: f64, tolerance: f64| {
+        let value = value.as_f64().unwrap();
+        assert!(
+            (value / truth - 1.0).abs() < tolerance,
+            "{value} vs {truth} in {fitted}"
+        );
+    };
+    close(&fitted["r"], 0.243, 0.15);
+    close(&fitted["alpha"], 4.414, 0.15);
+    close(&fitted["a"], 0.793, 0.25);
+    close(&fitted["b"], 2.426, 0.25);
+    let spend = &fitted["gamma_gamma"]["params"];
+    close(&spend["p"], 6.25, 0.2);
+    close(&spend["q"], 3.74, 0.2);
+    close(&spend["v"], 15.44, 0.2);
 }

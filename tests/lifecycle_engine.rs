@@ -2,6 +2,8 @@
 //! tests for the invariants (forward-only main path, reasons on lost stages, scores in [0, 1],
 //! determinism whatever the timer schedule, order-independent purchase statistics).
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 
 use lifecycle_scorer::codec::json::{decode_event, StageChangeRecord};
@@ -35,25 +37,42 @@ fn event(contact: &str, event_id: &str, at: Timestamp, kind: &str) -> ContactEve
     let time = lifecycle_scorer::codec::format_timestamp(at);
     let line = if let Some(rest) = kind.strip_prefix("purchase:") {
         let (order, status) = rest.split_once(':').unwrap();
-        format!(r#"{{"source":"purchase","event_id":"{event_id}","contact_id":"{contact}","occurred_at":"{time}","order_id":"{order}","amount":20.0,"currency":"EUR","status":"{status}"}}"#)
+        format!(
+            r#"{{"source":"purchase","event_id":"{event_id}","contact_id":"{contact}","occurred_at":"{time}","order_id":"{order}","amount":20.0,"currency":"EUR","status":"{status}"}}"#
+        )
     } else if let Some(name) = kind.strip_prefix("ad:") {
-        format!(r#"{{"source":"ad_conversion","event_id":"{event_id}","contact_id":"{contact}","occurred_at":"{time}","platform":"meta","event_name":"{name}"}}"#)
+        format!(
+            r#"{{"source":"ad_conversion","event_id":"{event_id}","contact_id":"{contact}","occurred_at":"{time}","platform":"meta","event_name":"{name}"}}"#
+        )
     } else if let Some(anonymous) = contact.strip_prefix("anon:") {
-        format!(r#"{{"source":"clickstream","event_id":"{event_id}","contact_id":null,"anonymous_id":"{anonymous}","occurred_at":"{time}","type":"{kind}"}}"#)
+        format!(
+            r#"{{"source":"clickstream","event_id":"{event_id}","contact_id":null,"anonymous_id":"{anonymous}","occurred_at":"{time}","type":"{kind}"}}"#
+        )
     } else {
-        format!(r#"{{"source":"clickstream","event_id":"{event_id}","contact_id":"{contact}","occurred_at":"{time}","type":"{kind}"}}"#)
+        format!(
+            r#"{{"source":"clickstream","event_id":"{event_id}","contact_id":"{contact}","occurred_at":"{time}","type":"{kind}"}}"#
+        )
     };
     decode_event(line.as_bytes()).unwrap()
 }
 
 fn records(engine: &Engine, changes: &[StageChange]) -> Vec<StageChangeRecord> {
-    changes.iter().map(|change| StageChangeRecord::new(change, &engine.model)).collect()
+    changes
+        .iter()
+        .map(|change| StageChangeRecord::new(change, &engine.model))
+        .collect()
 }
 
 fn path(records: &[StageChangeRecord]) -> Vec<(Option<&str>, &str, &str)> {
     records
         .iter()
-        .map(|record| (record.from_stage.as_deref(), record.to_stage.as_str(), record.reason.as_str()))
+        .map(|record| {
+            (
+                record.from_stage.as_deref(),
+                record.to_stage.as_str(),
+                record.reason.as_str(),
+            )
+        })
         .collect()
 }
 
@@ -73,7 +92,10 @@ fn a_contact_walks_the_main_path_with_skips_and_reasons() {
         (4 * DAY, "review"),
     ];
     for (index, (offset, kind)) in steps.iter().enumerate() {
-        processor.process(&event("c1", &format!("e{index}"), t0.plus_millis(*offset), kind), &mut out);
+        processor.process(
+            &event("c1", &format!("e{index}"), t0.plus_millis(*offset), kind),
+            &mut out,
+        );
     }
     let records = records(processor.engine(), &out);
     assert_eq!(
@@ -89,7 +111,10 @@ fn a_contact_walks_the_main_path_with_skips_and_reasons() {
     );
     assert_eq!(records[0].skipped, ["visitor"]);
     assert_eq!(records[5].skipped, ["core_customer"]);
-    assert_eq!(records.iter().map(|record| record.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        records.iter().map(|record| record.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
     assert!(records[3].churn_risk.is_some_and(|risk| (0.0..=1.0).contains(&risk)));
     assert_eq!(records[1].seconds_in_previous_stage, 7200.0);
 }
@@ -101,7 +126,10 @@ fn anonymous_visitors_and_direct_buyers_skip_what_they_skip() {
     processor.process(&event("anon:a1", "e1", start(), "page_view"), &mut out);
     processor.process(&event("c2", "e2", start(), "purchase:o9:completed"), &mut out);
     let records = records(processor.engine(), &out);
-    assert_eq!(path(&records), [(None, "visitor", "first_seen"), (None, "customer", "first_purchase")]);
+    assert_eq!(
+        path(&records),
+        [(None, "visitor", "first_seen"), (None, "customer", "first_purchase")]
+    );
     assert_eq!(records[0].anonymous_id.as_deref(), Some("a1"));
     assert_eq!(records[0].contact_id, None);
     assert_eq!(records[1].skipped, ["visitor", "lead", "hot_lead", "payment"]);
@@ -120,9 +148,16 @@ fn an_inactive_lead_goes_cold_on_time_and_comes_back_when_active() {
     let records = records(processor.engine(), &out);
     assert_eq!(
         path(&records),
-        [(None, "lead", "identified"), (Some("lead"), "cold_lead", "inactive"), (Some("cold_lead"), "lead", "reactivated")]
+        [
+            (None, "lead", "identified"),
+            (Some("lead"), "cold_lead", "inactive"),
+            (Some("cold_lead"), "lead", "reactivated")
+        ]
     );
-    assert_eq!(records[1].occurred_at, "2025-01-31T00:00:00.000Z", "fires at last activity + 30 days exactly");
+    assert_eq!(
+        records[1].occurred_at, "2025-01-31T00:00:00.000Z",
+        "fires at last activity + 30 days exactly"
+    );
     assert_eq!(records[1].trigger, "timer");
     assert!(records[2].reactivated);
 }
@@ -133,12 +168,22 @@ fn refunding_the_only_order_loses_the_customer_and_a_new_order_wins_them_back() 
     let mut out = Vec::new();
     let t0 = start();
     processor.process(&event("c1", "e1", t0, "purchase:o1:completed"), &mut out);
-    processor.process(&event("c1", "e2", t0.plus_millis(DAY), "purchase:o1:refunded"), &mut out);
-    processor.process(&event("c1", "e3", t0.plus_millis(2 * DAY), "purchase:o2:completed"), &mut out);
+    processor.process(
+        &event("c1", "e2", t0.plus_millis(DAY), "purchase:o1:refunded"),
+        &mut out,
+    );
+    processor.process(
+        &event("c1", "e3", t0.plus_millis(2 * DAY), "purchase:o2:completed"),
+        &mut out,
+    );
     let records = records(processor.engine(), &out);
     assert_eq!(
         path(&records),
-        [(None, "customer", "first_purchase"), (Some("customer"), "lost_customer", "refunded"), (Some("lost_customer"), "customer", "reactivated")]
+        [
+            (None, "customer", "first_purchase"),
+            (Some("customer"), "lost_customer", "refunded"),
+            (Some("lost_customer"), "customer", "reactivated")
+        ]
     );
 }
 
@@ -151,7 +196,13 @@ fn disqualification_and_duplicates() {
     processor.process(&event("c1", "e1", t0, "form_submitted"), &mut out);
     processor.process(&event("c1", "e2", t0.plus_millis(HOUR), "unsubscribed"), &mut out);
     let records = records(processor.engine(), &out);
-    assert_eq!(path(&records), [(None, "lead", "identified"), (Some("lead"), "disqualified", "unsubscribed")]);
+    assert_eq!(
+        path(&records),
+        [
+            (None, "lead", "identified"),
+            (Some("lead"), "disqualified", "unsubscribed")
+        ]
+    );
     assert_eq!(processor.stats().duplicates, 1);
 }
 
@@ -162,11 +213,18 @@ fn a_quiet_customer_becomes_at_risk_then_lost_at_exact_crossing_times() {
     let mut out = Vec::new();
     let t0 = start();
     processor.process(&event("c1", "e1", t0, "purchase:o1:completed"), &mut out);
-    processor.process(&event("c1", "e2", t0.plus_millis(20 * DAY), "purchase:o2:completed"), &mut out);
+    processor.process(
+        &event("c1", "e2", t0.plus_millis(20 * DAY), "purchase:o2:completed"),
+        &mut out,
+    );
     processor.advance_to(t0.plus_millis(3 * 365 * DAY), &mut out);
     let records = records(&engine, &out);
     let stages: Vec<&str> = records.iter().map(|record| record.to_stage.as_str()).collect();
-    assert_eq!(stages, ["customer", "repeat_customer", "at_risk", "lost_customer"], "{records:#?}");
+    assert_eq!(
+        stages,
+        ["customer", "repeat_customer", "at_risk", "lost_customer"],
+        "{records:#?}"
+    );
     // The at_risk change happens at the first whole second the risk reaches 0.85.
     let at_risk = parse_time_argument(&records[2].occurred_at).unwrap();
     let key = ContactKey::contact("c1");
@@ -180,10 +238,26 @@ fn a_quiet_customer_becomes_at_risk_then_lost_at_exact_crossing_times() {
 /// One random event for the property tests: (contact index, gap in minutes, kind index).
 fn kinds() -> &'static [&'static str] {
     &[
-        "page_view", "product_view", "add_to_cart", "checkout_started", "payment_info_added", "signup", "form_submitted",
-        "referral", "review", "disqualified", "unsubscribed", "ad:Lead", "ad:Purchase", "ad:InitiateCheckout",
-        "purchase:o1:completed", "purchase:o2:completed", "purchase:o3:completed", "purchase:o1:refunded",
-        "purchase:o4:cancelled", "purchase:o5:completed",
+        "page_view",
+        "product_view",
+        "add_to_cart",
+        "checkout_started",
+        "payment_info_added",
+        "signup",
+        "form_submitted",
+        "referral",
+        "review",
+        "disqualified",
+        "unsubscribed",
+        "ad:Lead",
+        "ad:Purchase",
+        "ad:InitiateCheckout",
+        "purchase:o1:completed",
+        "purchase:o2:completed",
+        "purchase:o3:completed",
+        "purchase:o1:refunded",
+        "purchase:o4:cancelled",
+        "purchase:o5:completed",
     ]
 }
 
@@ -220,7 +294,9 @@ fn run_engine_only(events: &[ContactEvent], end: Timestamp) -> Vec<StageChange> 
     let mut out = Vec::new();
     for event in events {
         let key = event.key().unwrap();
-        let state = states.entry(key.clone()).or_insert_with(|| engine.new_contact(event.occurred_at));
+        let state = states
+            .entry(key.clone())
+            .or_insert_with(|| engine.new_contact(event.occurred_at));
         engine.apply(&key, state, event, &mut out);
     }
     for (key, state) in states.iter_mut() {

@@ -1,5 +1,7 @@
 //! The Avro schemas in `schemas/` mirror the JSON contract: same field names, same symbols.
 
+#![allow(clippy::unwrap_used)]
+
 use lifecycle_scorer::domain::{ClickType, Platform, PurchaseStatus};
 use serde_json::Value;
 
@@ -9,12 +11,27 @@ fn schema(name: &str) -> Value {
 }
 
 fn field_names(schema: &Value) -> Vec<String> {
-    schema["fields"].as_array().unwrap().iter().map(|field| field["name"].as_str().unwrap().to_owned()).collect()
+    schema["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|field| field["name"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn symbols(schema: &Value, field: &str) -> Vec<String> {
-    let field = schema["fields"].as_array().unwrap().iter().find(|candidate| candidate["name"] == field).unwrap();
-    field["type"]["symbols"].as_array().unwrap().iter().map(|symbol| symbol.as_str().unwrap().to_owned()).collect()
+    let field = schema["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|candidate| candidate["name"] == field)
+        .unwrap();
+    field["type"]["symbols"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|symbol| symbol.as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn names<T: Copy>(all: &[T], name: fn(T) -> &'static str) -> Vec<String> {
@@ -23,9 +40,18 @@ fn names<T: Copy>(all: &[T], name: fn(T) -> &'static str) -> Vec<String> {
 
 #[test]
 fn enum_symbols_match_the_domain() {
-    assert_eq!(symbols(&schema("clickstream_event.avsc"), "type"), names(ClickType::ALL, ClickType::as_str));
-    assert_eq!(symbols(&schema("ad_conversion_event.avsc"), "platform"), names(Platform::ALL, Platform::as_str));
-    assert_eq!(symbols(&schema("purchase_event.avsc"), "status"), names(PurchaseStatus::ALL, PurchaseStatus::as_str));
+    assert_eq!(
+        symbols(&schema("clickstream_event.avsc"), "type"),
+        names(ClickType::ALL, ClickType::as_str)
+    );
+    assert_eq!(
+        symbols(&schema("ad_conversion_event.avsc"), "platform"),
+        names(Platform::ALL, Platform::as_str)
+    );
+    assert_eq!(
+        symbols(&schema("purchase_event.avsc"), "status"),
+        names(PurchaseStatus::ALL, PurchaseStatus::as_str)
+    );
 }
 
 #[test]
@@ -56,7 +82,11 @@ fn stage_change_fields_match_the_json_output() {
 
 #[test]
 fn input_schemas_share_the_common_fields() {
-    for name in ["clickstream_event.avsc", "ad_conversion_event.avsc", "purchase_event.avsc"] {
+    for name in [
+        "clickstream_event.avsc",
+        "ad_conversion_event.avsc",
+        "purchase_event.avsc",
+    ] {
         let fields = field_names(&schema(name));
         for common in ["event_id", "contact_id", "anonymous_id", "occurred_at"] {
             assert!(fields.iter().any(|field| field == common), "{name} lacks {common}");

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{format_timestamp, parse_timestamp, DecodeError};
 use crate::domain::{
-    AdConversion, Click, ClickType, ContactEvent, EventBody, Platform, Purchase, PurchaseStatus,
-    Source, StageChange, Trigger,
+    AdConversion, Click, ClickType, ContactEvent, EventBody, Platform, Purchase, PurchaseStatus, Source, StageChange,
+    Trigger,
 };
 use crate::lifecycle::StageModel;
 
@@ -118,7 +118,9 @@ fn owned(value: Option<Cow<'_, str>>) -> Option<String> {
 }
 
 fn compact(value: Option<Cow<'_, str>>) -> Option<CompactString> {
-    value.filter(|text| !text.is_empty()).map(|text| CompactString::from(text.as_ref()))
+    value
+        .filter(|text| !text.is_empty())
+        .map(|text| CompactString::from(text.as_ref()))
 }
 
 fn symbol<T>(value: Option<Cow<'_, str>>, name: &'static str, parse: fn(&str) -> Option<T>) -> Result<T, DecodeError> {
@@ -146,8 +148,12 @@ pub fn decode_event(line: &[u8]) -> Result<ContactEvent, DecodeError> {
 fn from_wire(wire: WireEvent<'_>) -> Result<ContactEvent, DecodeError> {
     let source = symbol(wire.source, field::SOURCE, Source::parse)?;
     let event_id = CompactString::from(required(wire.event_id, field::EVENT_ID)?.as_ref());
-    let occurred_at = parse_timestamp(&required(wire.occurred_at, field::OCCURRED_AT)?)
-        .map_err(|reason| DecodeError::InvalidField { field: field::OCCURRED_AT, reason })?;
+    let occurred_at = parse_timestamp(&required(wire.occurred_at, field::OCCURRED_AT)?).map_err(|reason| {
+        DecodeError::InvalidField {
+            field: field::OCCURRED_AT,
+            reason,
+        }
+    })?;
     let contact_id = compact(wire.contact_id);
     let anonymous_id = compact(wire.anonymous_id);
     if contact_id.is_none() && (source != Source::Clickstream || anonymous_id.is_none()) {
@@ -312,7 +318,11 @@ impl StageChangeRecord {
             lost: model.stage(change.to).lost,
             reactivated: change.reactivated,
             reason: change.reason.to_string(),
-            skipped: change.skipped.iter().map(|stage| model.stage(*stage).id.clone()).collect(),
+            skipped: change
+                .skipped
+                .iter()
+                .map(|stage| model.stage(*stage).id.clone())
+                .collect(),
             occurred_at: format_timestamp(change.occurred_at),
             trigger: trigger.to_owned(),
             trigger_event_id,
@@ -344,25 +354,48 @@ mod tests {
 
     #[test]
     fn rejects_negative_amounts_and_unknown_symbols() {
-        let negative = decode(r#"{"source":"purchase","event_id":"e","contact_id":"c","occurred_at":"2024-01-01T00:00:00Z","order_id":"o","amount":-1,"currency":"EUR","status":"completed"}"#);
-        assert!(matches!(negative, Err(DecodeError::InvalidField { field: "amount", .. })));
-        let unknown = decode(r#"{"source":"clickstream","event_id":"e","contact_id":"c","occurred_at":"2024-01-01T00:00:00Z","type":"teleport"}"#);
+        let negative = decode(
+            r#"{"source":"purchase","event_id":"e","contact_id":"c","occurred_at":"2024-01-01T00:00:00Z","order_id":"o","amount":-1,"currency":"EUR","status":"completed"}"#,
+        );
+        assert!(matches!(
+            negative,
+            Err(DecodeError::InvalidField { field: "amount", .. })
+        ));
+        let unknown = decode(
+            r#"{"source":"clickstream","event_id":"e","contact_id":"c","occurred_at":"2024-01-01T00:00:00Z","type":"teleport"}"#,
+        );
         assert!(matches!(unknown, Err(DecodeError::UnknownSymbol { field: "type", .. })));
         let source = decode(r#"{"source":"fax","event_id":"e"}"#);
-        assert!(matches!(source, Err(DecodeError::UnknownSymbol { field: "source", .. })));
+        assert!(matches!(
+            source,
+            Err(DecodeError::UnknownSymbol { field: "source", .. })
+        ));
     }
 
     #[test]
     fn anonymous_clicks_need_an_anonymous_id() {
-        let error = decode(r#"{"source":"clickstream","event_id":"e","contact_id":null,"occurred_at":"2024-01-01T00:00:00Z","type":"page_view"}"#);
+        let error = decode(
+            r#"{"source":"clickstream","event_id":"e","contact_id":null,"occurred_at":"2024-01-01T00:00:00Z","type":"page_view"}"#,
+        );
         assert_eq!(error.unwrap_err(), DecodeError::MissingField("contact_id"));
     }
 
     #[test]
     fn rejects_absurd_timestamps() {
         for at in ["9999-01-01T00:00:00Z", "1969-12-31T23:59:59Z", "yesterday"] {
-            let line = format!(r#"{{"source":"clickstream","event_id":"e","contact_id":"c","occurred_at":"{at}","type":"page_view"}}"#);
-            assert!(matches!(decode(&line), Err(DecodeError::InvalidField { field: "occurred_at", .. })), "{at}");
+            let line = format!(
+                r#"{{"source":"clickstream","event_id":"e","contact_id":"c","occurred_at":"{at}","type":"page_view"}}"#
+            );
+            assert!(
+                matches!(
+                    decode(&line),
+                    Err(DecodeError::InvalidField {
+                        field: "occurred_at",
+                        ..
+                    })
+                ),
+                "{at}"
+            );
         }
     }
 
@@ -375,7 +408,10 @@ mod tests {
 
     #[test]
     fn invalid_utf8_and_non_json_are_errors() {
-        assert!(matches!(decode_event(b"{\"source\":\"\xff\"}"), Err(DecodeError::InvalidUtf8(_))));
+        assert!(matches!(
+            decode_event(b"{\"source\":\"\xff\"}"),
+            Err(DecodeError::InvalidUtf8(_))
+        ));
         assert!(matches!(decode("not json"), Err(DecodeError::Json(_))));
     }
 }

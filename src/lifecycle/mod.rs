@@ -95,7 +95,13 @@ impl Engine {
 
     /// Applies one event to a contact, pushing the stage changes it causes (timers due before it
     /// included) onto `out`.
-    pub fn apply(&self, key: &ContactKey, state: &mut ContactState, event: &ContactEvent, out: &mut Vec<StageChange>) -> Applied {
+    pub fn apply(
+        &self,
+        key: &ContactKey,
+        state: &mut ContactState,
+        event: &ContactEvent,
+        out: &mut Vec<StageChange>,
+    ) -> Applied {
         if !state.remember_event(fingerprint(&event.event_id)) {
             return Applied::Duplicate;
         }
@@ -104,6 +110,9 @@ impl Engine {
         let effective = if announced && at < state.clock {
             if state.clock.millis_since(at) > self.model.grace_millis {
                 self.absorb(state, event, state.clock);
+                if matches!(event.body, EventBody::Purchase(_)) {
+                    self.refresh_risk_due(state);
+                }
                 return Applied::TooLate;
             }
             state.clock
@@ -113,9 +122,13 @@ impl Engine {
             }
             at
         };
+        let stage_before = (state.seq, state.stage);
         self.absorb(state, event, effective);
         state.clock = state.clock.max(effective);
         self.evaluate(key, state, effective, Some(event), out);
+        if matches!(event.body, EventBody::Purchase(_)) || (state.seq, state.stage) != stage_before {
+            self.refresh_risk_due(state);
+        }
         Applied::Applied
     }
 
@@ -138,6 +151,7 @@ impl Engine {
             for due in dues {
                 state.clock = state.clock.max(due);
                 if self.evaluate(key, state, due, None, out) {
+                    self.refresh_risk_due(state);
                     moved = true;
                     break;
                 }
@@ -150,14 +164,8 @@ impl Engine {
     }
 
     /// The timer-driven rules that can apply from `stage`.
-    fn timed_rules(&self, stage: StageId) -> impl Iterator<Item = &Rule> {
-        let lost = self.model.is_lost(stage);
-        let main = (!lost).then_some(self.model.main_rules.iter()).into_iter().flatten();
-        self.model
-            .lost_rules
-            .iter()
-            .chain(main)
-            .filter(move |rule| rule.on.is_empty() && rule.conditions.is_timed() && rule.from.contains(stage))
+    fn timed_rules(&self, stage: StageId) -> std::slice::Iter<'_, Rule> {
+        self.model.timed[usize::from(stage.0)].iter()
     }
 
     /// The first instant in `[state.clock, until]` at which the rule's time-dependent conditions
@@ -170,7 +178,11 @@ impl Engine {
         }
         if let Some(threshold) = rule.conditions.min_churn_risk {
             // One evaluation rules out the common case before bisecting.
-            if !self.scorer.purchase_risk(state, until).is_some_and(|risk| risk >= threshold) {
+            if !self
+                .scorer
+                .purchase_risk(state, until)
+                .is_some_and(|risk| risk >= threshold)
+            {
                 return None;
             }
             due = due.max(self.risk_crossing(state, threshold)?);
@@ -181,44 +193,91 @@ impl Engine {
     /// The first whole second at which the contact's purchase-model churn risk reaches
     /// `threshold`, or `None` if it never does before [`Timestamp::MAX_VALID`].
     ///
-    /// Churn risk rises monotonically while nothing happens (both P(alive) falling and the
-    /// purchase-rate posterior shifting raise P(no purchase)), so bisection on whole seconds over
-    /// the contact's whole purchase life gives one canonical answer, whatever the caller's clock.
+    /// Churn risk rises monotonically while nothing happens (P(alive) falls and the
+    /// purchase-rate posterior shifts towards slower buyers), so "the smallest whole second at
+    /// or above the threshold" is one canonical answer, whatever bracket the search starts from.
+    /// The search gallops forward from the contact's clock to bracket the crossing, then narrows
+    /// the bracket with the Illinois variant of regula falsi (a bisection step every fourth
+    /// iteration bounds the worst case), keeping both ends whole seconds: typically 10-15 score
+    /// evaluations instead of the ~33 of plain bisection over the whole range.
     fn risk_crossing(&self, state: &ContactState, threshold: f64) -> Option<Timestamp> {
         let first_day = state.purchase_history()?.first_day?;
-        let crosses = |second: i64| {
-            self.scorer
+        let excess = |second: i64| {
+            let risk = self
+                .scorer
                 .purchase_risk(state, Timestamp::from_millis(second * SECOND))
-                .is_some_and(|risk| risk >= threshold)
+                .unwrap_or(0.0);
+            risk - threshold
         };
-        let mut low = Timestamp::from_day(first_day).millis().div_euclid(SECOND);
-        let mut high = Timestamp::MAX_VALID.millis().div_euclid(SECOND);
-        if crosses(low) {
-            return Some(Timestamp::from_millis(low * SECOND));
+        let first = Timestamp::from_day(first_day).millis().div_euclid(SECOND);
+        let last = Timestamp::MAX_VALID.millis().div_euclid(SECOND);
+        let start = state.clock.millis().div_euclid(SECOND).clamp(first, last);
+        // Bracket: `low` below the threshold, `high` at or above it.
+        let (mut low, mut high, mut f_low, mut f_high);
+        let f_start = excess(start);
+        if f_start >= 0.0 {
+            let f_first = excess(first);
+            if f_first >= 0.0 {
+                return Some(Timestamp::from_millis(first * SECOND));
+            }
+            (low, f_low, high, f_high) = (first, f_first, start, f_start);
+        } else {
+            (low, f_low) = (start, f_start);
+            let mut step = 86_400;
+            loop {
+                let probe = (low + step).min(last);
+                let f_probe = excess(probe);
+                if f_probe >= 0.0 {
+                    (high, f_high) = (probe, f_probe);
+                    break;
+                }
+                if probe == last {
+                    return None;
+                }
+                (low, f_low) = (probe, f_probe);
+                step *= 2;
+            }
         }
-        if !crosses(high) {
-            return None;
-        }
+        let mut retained_side = 0i8;
+        let mut iteration = 0u32;
         while high - low > 1 {
-            let middle = low + (high - low) / 2;
-            if crosses(middle) {
-                high = middle;
+            iteration += 1;
+            let probe = if iteration % 4 == 0 || f_high <= f_low {
+                low + (high - low) / 2
             } else {
-                low = middle;
+                let secant = low as f64 - f_low * (high - low) as f64 / (f_high - f_low);
+                (secant.round() as i64).clamp(low + 1, high - 1)
+            };
+            let f_probe = excess(probe);
+            if f_probe >= 0.0 {
+                (high, f_high) = (probe, f_probe);
+                if retained_side == 1 {
+                    f_low /= 2.0;
+                }
+                retained_side = 1;
+            } else {
+                (low, f_low) = (probe, f_probe);
+                if retained_side == -1 {
+                    f_high /= 2.0;
+                }
+                retained_side = -1;
             }
         }
         Some(Timestamp::from_millis(high * SECOND))
     }
 
-    /// Recomputes the cached [`ContactState::risk_due`] after purchases or the stage changed.
+    /// Recomputes the cached [`ContactState::risk_due`](crate::domain::ContactExtra::risk_due) after purchases or the stage changed.
     fn refresh_risk_due(&self, state: &mut ContactState) {
         let lowest = self
             .timed_rules(state.stage)
             .filter_map(|rule| rule.conditions.min_churn_risk)
             .min_by(f64::total_cmp);
-        state.risk_due = lowest
+        let due = lowest
             .and_then(|threshold| self.risk_crossing(state, threshold))
             .unwrap_or(Timestamp::NEVER);
+        if due != state.risk_due() {
+            state.extra_mut().risk_due = due;
+        }
     }
 
     /// A lower bound on when the next timer of this contact can fire ([`Timestamp::NEVER`] if
@@ -235,7 +294,7 @@ impl Engine {
                     due = due.max(state.last_activity_at.plus_millis(inactive));
                 }
                 if rule.conditions.min_churn_risk.is_some() {
-                    due = due.max(state.risk_due);
+                    due = due.max(state.risk_due());
                 }
                 due
             })
@@ -266,22 +325,30 @@ impl Engine {
                     || click.fbp.is_some()
                     || click.ttclid.is_some();
                 if carries_ids {
-                    state.identity.get_or_insert_with(Default::default).absorb(click);
+                    state
+                        .extra_mut()
+                        .identity
+                        .get_or_insert_with(Default::default)
+                        .absorb(click);
                 }
             }
             EventBody::Purchase(purchase) => {
-                let history = state.purchases.get_or_insert_with(|| Box::new(PurchaseHistory::default()));
-                let changed = history.record(fingerprint(&purchase.order_id), at, purchase.amount, purchase.status);
-                if changed {
-                    self.refresh_risk_due(state);
-                }
+                let history = state.extra_mut().purchases.get_or_insert_with(Default::default);
+                history.record(fingerprint(&purchase.order_id), at, purchase.amount, purchase.status);
             }
             EventBody::AdConversion(_) => {}
         }
     }
 
     /// Decides and emits the stage changes due at `now`; returns true when any was emitted.
-    fn evaluate(&self, key: &ContactKey, state: &mut ContactState, now: Timestamp, event: Option<&ContactEvent>, out: &mut Vec<StageChange>) -> bool {
+    fn evaluate(
+        &self,
+        key: &ContactKey,
+        state: &mut ContactState,
+        now: Timestamp,
+        event: Option<&ContactEvent>,
+        out: &mut Vec<StageChange>,
+    ) -> bool {
         let mut risk = RiskCache::new(now);
         let trigger = || match event {
             Some(event) => Trigger::Event(event.event_id.clone()),
@@ -293,7 +360,18 @@ impl Engine {
                 .forward_target(state, state.stage, now, event, &mut risk)
                 .unwrap_or((state.stage, self.model.first_seen.clone()));
             let skipped = self.model.between(None, self.model.rank(target).unwrap_or(0));
-            self.emit(key, state, target, now, reason, skipped, false, trigger(), &mut risk, out);
+            self.emit(
+                key,
+                state,
+                target,
+                now,
+                reason,
+                skipped,
+                false,
+                trigger(),
+                &mut risk,
+                out,
+            );
         } else if self.model.is_lost(state.stage) {
             let lost = self.model.stage(state.stage);
             if event.is_some_and(|event| lost.reactivate_on.iter().any(|matcher| matcher.matches(event))) {
@@ -302,24 +380,68 @@ impl Engine {
                     .forward_target(state, home, now, event, &mut risk)
                     .unwrap_or((home, self.model.reactivated.clone()));
                 if self.lost_target(state, target, now, event, &mut risk).is_none() {
-                    let skipped = self.model.between(self.model.rank(home), self.model.rank(target).unwrap_or(0));
+                    let skipped = self
+                        .model
+                        .between(self.model.rank(home), self.model.rank(target).unwrap_or(0));
                     let reason = self.model.reactivated.clone();
-                    self.emit(key, state, target, now, reason, skipped, true, trigger(), &mut risk, out);
+                    self.emit(
+                        key,
+                        state,
+                        target,
+                        now,
+                        reason,
+                        skipped,
+                        true,
+                        trigger(),
+                        &mut risk,
+                        out,
+                    );
                 }
                 return out.len() > emitted_before;
             }
         } else if let Some((target, reason)) = self.forward_target(state, state.stage, now, event, &mut risk) {
-            let skipped = self.model.between(self.model.rank(state.stage), self.model.rank(target).unwrap_or(0));
-            self.emit(key, state, target, now, reason, skipped, false, trigger(), &mut risk, out);
+            let skipped = self
+                .model
+                .between(self.model.rank(state.stage), self.model.rank(target).unwrap_or(0));
+            self.emit(
+                key,
+                state,
+                target,
+                now,
+                reason,
+                skipped,
+                false,
+                trigger(),
+                &mut risk,
+                out,
+            );
         }
         if let Some((target, reason)) = self.lost_target(state, state.stage, now, event, &mut risk) {
-            self.emit(key, state, target, now, reason, Vec::new(), false, trigger(), &mut risk, out);
+            self.emit(
+                key,
+                state,
+                target,
+                now,
+                reason,
+                Vec::new(),
+                false,
+                trigger(),
+                &mut risk,
+                out,
+            );
         }
         out.len() > emitted_before
     }
 
     /// The highest-ranked main stage a firing rule moves `from` to, with the rule's reason.
-    fn forward_target(&self, state: &ContactState, from: StageId, now: Timestamp, event: Option<&ContactEvent>, risk: &mut RiskCache) -> Option<(StageId, Arc<str>)> {
+    fn forward_target(
+        &self,
+        state: &ContactState,
+        from: StageId,
+        now: Timestamp,
+        event: Option<&ContactEvent>,
+        risk: &mut RiskCache,
+    ) -> Option<(StageId, Arc<str>)> {
         let from_rank = self.model.rank(from)?;
         self.model
             .main_rules
@@ -331,7 +453,14 @@ impl Engine {
     }
 
     /// The lost stage a firing rule moves `from` to (the last-listed one when several fire).
-    fn lost_target(&self, state: &ContactState, from: StageId, now: Timestamp, event: Option<&ContactEvent>, risk: &mut RiskCache) -> Option<(StageId, Arc<str>)> {
+    fn lost_target(
+        &self,
+        state: &ContactState,
+        from: StageId,
+        now: Timestamp,
+        event: Option<&ContactEvent>,
+        risk: &mut RiskCache,
+    ) -> Option<(StageId, Arc<str>)> {
         self.model
             .lost_rules
             .iter()
@@ -340,7 +469,15 @@ impl Engine {
             .map(|rule| (rule.to, rule.reason.clone()))
     }
 
-    fn fires(&self, rule: &Rule, from: StageId, state: &ContactState, now: Timestamp, event: Option<&ContactEvent>, risk: &mut RiskCache) -> bool {
+    fn fires(
+        &self,
+        rule: &Rule,
+        from: StageId,
+        state: &ContactState,
+        now: Timestamp,
+        event: Option<&ContactEvent>,
+        risk: &mut RiskCache,
+    ) -> bool {
         if !rule.from.contains(from) {
             return false;
         }
@@ -350,7 +487,13 @@ impl Engine {
         self.conditions_hold(&rule.conditions, state, now, risk)
     }
 
-    fn conditions_hold(&self, conditions: &Conditions, state: &ContactState, now: Timestamp, risk: &mut RiskCache) -> bool {
+    fn conditions_hold(
+        &self,
+        conditions: &Conditions,
+        state: &ContactState,
+        now: Timestamp,
+        risk: &mut RiskCache,
+    ) -> bool {
         let purchases = state.purchase_history();
         let purchase_days = purchases.map_or(0, |history| {
             if history.first_day.is_some() {
@@ -372,7 +515,9 @@ impl Engine {
             return false;
         }
         if let Some((count, window)) = conditions.min_purchase_days_within {
-            let within = purchases.map_or(0, |history| history.purchase_days_between(now.plus_millis(-window), now));
+            let within = purchases.map_or(0, |history| {
+                history.purchase_days_between(now.plus_millis(-window), now)
+            });
             if within < count {
                 return false;
             }
@@ -400,7 +545,19 @@ impl Engine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn emit(&self, key: &ContactKey, state: &mut ContactState, to: StageId, now: Timestamp, reason: Arc<str>, skipped: Vec<StageId>, reactivated: bool, trigger: Trigger, risk: &mut RiskCache, out: &mut Vec<StageChange>) {
+    fn emit(
+        &self,
+        key: &ContactKey,
+        state: &mut ContactState,
+        to: StageId,
+        now: Timestamp,
+        reason: Arc<str>,
+        skipped: Vec<StageId>,
+        reactivated: bool,
+        trigger: Trigger,
+        risk: &mut RiskCache,
+        out: &mut Vec<StageChange>,
+    ) {
         let (from, millis_in_previous) = if state.seq == 0 {
             state.stage = to;
             state.stage_entered_at = now;
@@ -415,7 +572,6 @@ impl Engine {
             state.main_stage = to;
         }
         state.seq += 1;
-        self.refresh_risk_due(state);
         out.push(StageChange {
             event_id: stage_change_id(key, state.seq),
             key: key.clone(),
@@ -443,6 +599,14 @@ pub fn stage_change_id(key: &ContactKey, seq: u32) -> String {
     hasher.update(b"\0");
     hasher.update(seq.to_be_bytes());
     let digest = hasher.finalize();
-    let hex: String = digest[..16].iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(36);
+    for (index, byte) in digest[..16].iter().enumerate() {
+        if matches!(index, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push(char::from(HEX[usize::from(byte >> 4)]));
+        text.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    text
 }

@@ -53,7 +53,10 @@ impl EventMatcher {
         match source {
             Source::Clickstream => ClickType::parse(name).map(EventMatcher::Click).ok_or_else(|| {
                 let known: Vec<&str> = ClickType::ALL.iter().map(|kind| kind.as_str()).collect();
-                format!("`{name}` is not a clickstream type; expected one of {} or *", known.join(", "))
+                format!(
+                    "`{name}` is not a clickstream type; expected one of {} or *",
+                    known.join(", ")
+                )
             }),
             Source::AdConversion if !name.is_empty() => Ok(EventMatcher::Conversion(name.into())),
             Source::AdConversion => Err("an ad_conversion matcher needs an event name or *".into()),
@@ -183,6 +186,9 @@ pub struct StageModel {
     pub engagement: Engagement,
     /// How late (behind the contact's clock) an event may be and still change its stage.
     pub grace_millis: i64,
+    /// For each stage, the timer-driven rules (no `on`, a timed condition) that apply from it:
+    /// lost rules, plus main rules for main stages. Precomputed because every event asks.
+    pub timed: Vec<Vec<Rule>>,
     /// Shared copies of the two fixed reasons, so emitting them does not allocate.
     pub(crate) first_seen: Arc<str>,
     pub(crate) reactivated: Arc<str>,
@@ -191,13 +197,26 @@ pub struct StageModel {
 impl StageModel {
     /// Builds a model from validated parts; `crate::config` is the usual way in.
     pub fn new(stages: Vec<StageDef>, rules: Vec<Rule>, engagement: Engagement, grace_millis: i64) -> Self {
-        let (lost_rules, main_rules) = rules
+        let (lost_rules, main_rules): (Vec<Rule>, Vec<Rule>) = rules
             .into_iter()
             .partition(|rule: &Rule| stages[usize::from(rule.to.0)].lost);
+        let timed = (0..stages.len())
+            .map(|index| {
+                let stage = StageId(u8::try_from(index).unwrap_or(u8::MAX));
+                let main = (!stages[index].lost).then_some(main_rules.iter()).into_iter().flatten();
+                lost_rules
+                    .iter()
+                    .chain(main)
+                    .filter(|rule| rule.on.is_empty() && rule.conditions.is_timed() && rule.from.contains(stage))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
         StageModel {
             stages,
             main_rules,
             lost_rules,
+            timed,
             engagement,
             grace_millis,
             first_seen: Arc::from(REASON_FIRST_SEEN),

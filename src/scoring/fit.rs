@@ -1,5 +1,5 @@
-//! Maximum-likelihood fitting of the BG/NBD-family models (and, through [`minimize`], of the
-//! Gamma-Gamma spend model) with `argmin`'s L-BFGS and More–Thuente line search.
+//! Maximum-likelihood fitting of the BG/NBD-family models (and, through the shared `minimize`,
+//! of the Gamma-Gamma spend model) with `argmin`'s L-BFGS and More–Thuente line search.
 //!
 //! Pure computation on customer statistics handed in by the caller: no I/O, no clock (argmin's
 //! timer is off by default and stays off), no threads, no logging. Reading histories, choosing
@@ -19,7 +19,7 @@ use argmin::solver::quasinewton::LBFGS;
 use foldhash::{HashMap, HashMapExt};
 use serde::Serialize;
 
-use super::bgnbd::{BgParams, Model, ModelKind, ParamTerms, Rfm};
+use super::bgnbd::{softplus_and_sigmoid, BgParams, Model, ModelKind, ParamTerms, Rfm};
 
 /// One distinct `(x, t_x, T)` with the number (or total weight) of customers who share it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,12 +39,18 @@ pub struct WeightedRfm {
 pub fn compress(rows: impl IntoIterator<Item = Rfm>) -> Vec<WeightedRfm> {
     let mut counts: HashMap<[u64; 3], f64> = HashMap::new();
     for rfm in rows {
-        *counts.entry([rfm.x.to_bits(), rfm.t_x.to_bits(), rfm.t.to_bits()]).or_insert(0.0) += 1.0;
+        *counts
+            .entry([rfm.x.to_bits(), rfm.t_x.to_bits(), rfm.t.to_bits()])
+            .or_insert(0.0) += 1.0;
     }
     let mut compressed: Vec<WeightedRfm> = counts
         .into_iter()
         .map(|(bits, weight)| WeightedRfm {
-            rfm: Rfm { x: f64::from_bits(bits[0]), t_x: f64::from_bits(bits[1]), t: f64::from_bits(bits[2]) },
+            rfm: Rfm {
+                x: f64::from_bits(bits[0]),
+                t_x: f64::from_bits(bits[1]),
+                t: f64::from_bits(bits[2]),
+            },
             weight,
         })
         .collect();
@@ -68,9 +74,12 @@ pub struct FitReport {
     pub log_likelihood: f64,
     /// L-BFGS iterations, summed over restarts.
     pub iterations: u64,
-    /// Whether the gradient met the strict tolerance ([`CONVERGED_GRADIENT`]). `false` means the
-    /// optimiser stalled close to, but not provably at, the optimum (gradient below
-    /// [`USABLE_GRADIENT`]); farther away [`fit`] returns [`FitError::DidNotConverge`].
+    /// Whether the gradient met the strict tolerance ([`CONVERGED_GRADIENT`]) with every parameter
+    /// in [3e-7, 3e6]. `false` means either the optimiser stalled close to, but not provably at,
+    /// the optimum (gradient below [`USABLE_GRADIENT`]; farther away [`fit`] returns
+    /// [`FitError::DidNotConverge`]), or the likelihood keeps rising towards a parameter of 0 or
+    /// infinity, which happens with degenerate data (no repeat purchases at all, nobody ever
+    /// lapsing): such parameters must not be used for scoring.
     pub converged: bool,
     /// Total weight of the data (number of customers).
     pub customers: f64,
@@ -90,11 +99,17 @@ pub enum FitError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The data cannot identify the model: nobody made a repeat purchase, or nobody has any
+    /// history (all T = 0).
+    #[error("data cannot identify the model: {0}")]
+    Uninformative(String),
     /// argmin reported an error.
     #[error("optimiser failed: {0}")]
     Optimizer(String),
     /// The optimiser stopped far from a stationary point.
-    #[error("fit did not converge after {iterations} iterations (gradient norm {gradient_norm:e}, last stop: {reason})")]
+    #[error(
+        "fit did not converge after {iterations} iterations (gradient norm {gradient_norm:e}, last stop: {reason})"
+    )]
     DidNotConverge {
         /// Iterations spent.
         iterations: u64,
@@ -105,12 +120,18 @@ pub enum FitError {
     },
 }
 
-/// Gradient (∞-norm, per customer, in log-parameters) at which a fit counts as converged. At the
-/// CDNOW optimum this moves the parameters by ~1e-6 relative, far below the published 3 decimals.
+/// Gradient (∞-norm, per customer, in log-parameters) at which a fit counts as converged. L-BFGS
+/// itself runs on to [`LBFGS_GRADIENT_TOLERANCE`]; this looser bound is what a run that stalled
+/// (line search defeated by rounding) must still meet.
 pub const CONVERGED_GRADIENT: f64 = 1e-6;
 
 /// Gradient below which a fit that stalled is still returned (with `converged: false`).
 pub const USABLE_GRADIENT: f64 = 1e-3;
+
+/// L-BFGS's own stopping tolerance (Euclidean norm of the mean gradient in log-parameters), 100
+/// times stricter than [`CONVERGED_GRADIENT`] so that a run normally ends by meeting it, a couple
+/// of iterations past the point where the parameters stop moving in their 6th digit.
+const LBFGS_GRADIENT_TOLERANCE: f64 = 1e-8;
 
 /// Maximum L-BFGS iterations per run.
 const MAX_ITERATIONS: u64 = 500;
@@ -122,6 +143,12 @@ const MAX_RESTARTS: usize = 3;
 /// Log-parameters beyond ±this are pushed back by a quadratic penalty, keeping every evaluation
 /// finite. e^25 ≈ 7e10: parameters there mean the data cannot identify the model.
 const LOG_PARAMETER_BOUND: f64 = 25.0;
+
+/// Log-parameters beyond ±this (parameters outside [3e-7, 3e6]) mean the likelihood has its
+/// supremum at infinity in that direction (no repeat buyers at all, nobody ever lapsing, a single
+/// customer...): the optimiser then stops where the likelihood has gone flat, and the fit is
+/// reported as not converged even though the gradient is small.
+const LOG_PARAMETER_PLAUSIBLE: f64 = 15.0;
 
 /// A mean negative log-likelihood over log-parameters, evaluated together with its gradient.
 pub(crate) trait Objective {
@@ -141,7 +168,7 @@ pub(crate) struct Minimum {
     pub(crate) value: f64,
     /// Iterations over all runs.
     pub(crate) iterations: u64,
-    /// Met [`CONVERGED_GRADIENT`].
+    /// Met [`CONVERGED_GRADIENT`] at a point within [`LOG_PARAMETER_PLAUSIBLE`].
     pub(crate) converged: bool,
 }
 
@@ -149,8 +176,12 @@ pub(crate) struct Minimum {
 /// line search ask for the cost and the gradient of the same point in two separate calls.
 struct Problem<'a, O> {
     objective: &'a O,
-    cache: RefCell<Option<(Vec<f64>, f64, Vec<f64>)>>,
+    /// The last point evaluated, with its value and gradient.
+    cache: RefCell<Option<Evaluation>>,
 }
+
+/// `(point, value, gradient)`.
+type Evaluation = (Vec<f64>, f64, Vec<f64>);
 
 impl<O: Objective> Problem<'_, O> {
     fn evaluate(&self, log_params: &[f64]) -> (f64, Vec<f64>) {
@@ -172,7 +203,10 @@ impl<O: Objective> Problem<'_, O> {
             // Cannot happen inside the bound for valid data; if it does, make the point
             // unattractive instead of poisoning the line search with NaN.
             value = f64::MAX / 4.0;
-            gradient.iter_mut().zip(log_params).for_each(|(g, theta)| *g = theta.signum());
+            gradient
+                .iter_mut()
+                .zip(log_params)
+                .for_each(|(g, theta)| *g = theta.signum());
         }
         *self.cache.borrow_mut() = Some((log_params.to_vec(), value, gradient.clone()));
         (value, gradient)
@@ -205,65 +239,91 @@ fn max_abs(values: &[f64]) -> f64 {
 /// turn, restarting a stalled run from its best point, and returns the best point found. Stops
 /// at the first start that converges.
 pub(crate) fn minimize<O: Objective>(objective: &O, starts: &[Vec<f64>]) -> Result<Minimum, FitError> {
-    let problem = Problem { objective, cache: RefCell::new(None) };
-    let mut best: Option<(Vec<f64>, f64)> = None;
+    // The best point so far: (log-parameters, penalised value, gradient).
+    let mut best: Option<Evaluation> = None;
     let mut iterations = 0;
     let mut last_reason = String::from("not started");
-    for start in starts {
+    'starts: for start in starts {
         let mut point = start.clone();
         for _ in 0..=MAX_RESTARTS {
-            let linesearch = MoreThuenteLineSearch::new();
-            let solver = LBFGS::new(linesearch, 10)
-                .with_tolerance_grad(CONVERGED_GRADIENT * 1e-3)
+            let solver = LBFGS::new(MoreThuenteLineSearch::new(), 10)
+                .with_tolerance_grad(LBFGS_GRADIENT_TOLERANCE)
                 .and_then(|solver| solver.with_tolerance_cost(0.0))
                 .map_err(|error| FitError::Optimizer(error.to_string()))?;
-            let result = Executor::new(Problem { objective, cache: RefCell::new(None) }, solver)
+            let problem = Problem {
+                objective,
+                cache: RefCell::new(None),
+            };
+            let result = Executor::new(problem, solver)
                 .configure(|state| state.param(point.clone()).max_iters(MAX_ITERATIONS))
                 .run()
                 .map_err(|error| FitError::Optimizer(format!("{error:#}")))?;
             let state = result.state();
             iterations += state.get_iter();
-            last_reason = state
-                .get_termination_reason()
-                .map_or_else(|| String::from("none"), |reason: &TerminationReason| reason.text().to_owned());
+            last_reason = state.get_termination_reason().map_or_else(
+                || String::from("none"),
+                |reason: &TerminationReason| reason.text().to_owned(),
+            );
             if let Some(candidate) = state.get_best_param() {
                 point.clone_from(candidate);
             }
-            let (value, gradient) = problem.evaluate(&point);
-            if best.as_ref().is_none_or(|(_, best_value)| value < *best_value) {
-                best = Some((point.clone(), value));
+            // Usually the best point is the last one evaluated and this is a cache hit.
+            let evaluator = result.problem.problem.as_ref().map_or_else(
+                || Problem {
+                    objective,
+                    cache: RefCell::new(None),
+                },
+                |problem| Problem {
+                    objective,
+                    cache: RefCell::new(problem.cache.borrow().clone()),
+                },
+            );
+            let (value, gradient) = evaluator.evaluate(&point);
+            let converged = max_abs(&gradient) <= CONVERGED_GRADIENT;
+            if best.as_ref().is_none_or(|(_, best_value, _)| value < *best_value) {
+                best = Some((point.clone(), value, gradient));
             }
-            if max_abs(&gradient) <= CONVERGED_GRADIENT {
-                break;
-            }
-        }
-        if let Some((point, _)) = &best {
-            let (_, gradient) = problem.evaluate(point);
-            if max_abs(&gradient) <= CONVERGED_GRADIENT {
-                break;
+            if converged {
+                break 'starts;
             }
         }
     }
-    let Some((log_params, _)) = best else {
+    let Some((log_params, value, gradient)) = best else {
         return Err(FitError::Optimizer(String::from("no start point was evaluated")));
     };
-    let mut gradient = vec![0.0; objective.dimension()];
-    let value = objective.evaluate(&log_params, &mut gradient);
     let gradient_norm = max_abs(&gradient);
+    // Inside the bound the penalty is zero, so `value` is the objective itself.
     let inside = log_params.iter().all(|theta| theta.abs() <= LOG_PARAMETER_BOUND);
     if !(value.is_finite() && inside && gradient_norm <= USABLE_GRADIENT) {
-        return Err(FitError::DidNotConverge { iterations, gradient_norm, reason: last_reason });
+        return Err(FitError::DidNotConverge {
+            iterations,
+            gradient_norm,
+            reason: last_reason,
+        });
     }
-    Ok(Minimum { log_params, value, iterations, converged: gradient_norm <= CONVERGED_GRADIENT })
+    let interior = log_params.iter().all(|theta| theta.abs() <= LOG_PARAMETER_PLAUSIBLE);
+    Ok(Minimum {
+        log_params,
+        value,
+        iterations,
+        converged: gradient_norm <= CONVERGED_GRADIENT && interior,
+    })
 }
 
-/// The rows of a data set grouped by purchase count, structure-of-arrays for a tight loop.
+/// The rows of a data set grouped by purchase count, structure-of-arrays for a tight loop, with
+/// times replaced by indices into a table of distinct time values (`ln(α + t)` is then computed
+/// once per distinct value and evaluation: with day-granular data there are at most a few
+/// thousand, however many rows there are).
 #[derive(Debug)]
 struct Dataset {
-    /// `(x, first row, end row)` for each distinct x, ascending.
-    groups: Vec<(f64, usize, usize)>,
-    t_x: Vec<f64>,
-    t: Vec<f64>,
+    /// Distinct values of T and t_x, ascending.
+    times: Vec<f64>,
+    /// `(x, first row, end row, total weight)` for each distinct x, ascending.
+    groups: Vec<(f64, usize, usize, f64)>,
+    /// Index of each row's T in `times`.
+    t_index: Vec<u32>,
+    /// Index of each row's t_x in `times`.
+    t_x_index: Vec<u32>,
     weight: Vec<f64>,
     total_weight: f64,
 }
@@ -272,9 +332,14 @@ impl Dataset {
     fn new(data: &[WeightedRfm]) -> Result<Self, FitError> {
         let mut rows: Vec<&WeightedRfm> = Vec::with_capacity(data.len());
         for (index, row) in data.iter().enumerate() {
-            row.rfm.validate().map_err(|reason| FitError::InvalidInput { index, reason })?;
+            row.rfm
+                .validate()
+                .map_err(|reason| FitError::InvalidInput { index, reason })?;
             if !(row.weight.is_finite() && row.weight >= 0.0) {
-                return Err(FitError::InvalidInput { index, reason: format!("weight must be finite and >= 0, got {}", row.weight) });
+                return Err(FitError::InvalidInput {
+                    index,
+                    reason: format!("weight must be finite and >= 0, got {}", row.weight),
+                });
             }
             if row.weight > 0.0 {
                 rows.push(row);
@@ -283,28 +348,72 @@ impl Dataset {
         if rows.is_empty() {
             return Err(FitError::EmptyData);
         }
-        // Stable and cheap when the input is already compressed (sorted).
+        // Stable and free when the input is already compressed (sorted).
         if !rows.windows(2).all(|pair| pair[0].rfm.x <= pair[1].rfm.x) {
             rows.sort_by(|left, right| left.rfm.x.total_cmp(&right.rfm.x));
         }
+        let mut times: Vec<f64> = rows.iter().flat_map(|row| [row.rfm.t, row.rfm.t_x]).collect();
+        times.sort_unstable_by(f64::total_cmp);
+        times.dedup();
+        if times.len() > u32::MAX as usize {
+            return Err(FitError::InvalidInput {
+                index: 0,
+                reason: String::from("more than 2^32 distinct times"),
+            });
+        }
+        let position = |value: f64| times.partition_point(|&known| known < value) as u32;
         let mut dataset = Dataset {
             groups: Vec::new(),
-            t_x: Vec::with_capacity(rows.len()),
-            t: Vec::with_capacity(rows.len()),
+            t_index: Vec::with_capacity(rows.len()),
+            t_x_index: Vec::with_capacity(rows.len()),
             weight: Vec::with_capacity(rows.len()),
             total_weight: 0.0,
+            times: Vec::new(),
         };
         for (index, row) in rows.iter().enumerate() {
             match dataset.groups.last_mut() {
-                Some(group) if group.0 == row.rfm.x => group.2 = index + 1,
-                _ => dataset.groups.push((row.rfm.x, index, index + 1)),
+                Some(group) if group.0 == row.rfm.x => {
+                    group.2 = index + 1;
+                    group.3 += row.weight;
+                }
+                _ => dataset.groups.push((row.rfm.x, index, index + 1, row.weight)),
             }
-            dataset.t_x.push(row.rfm.t_x);
-            dataset.t.push(row.rfm.t);
+            dataset.t_index.push(position(row.rfm.t));
+            dataset.t_x_index.push(position(row.rfm.t_x));
             dataset.weight.push(row.weight);
             dataset.total_weight += row.weight;
         }
+        debug_assert!(dataset
+            .t_index
+            .iter()
+            .chain(&dataset.t_x_index)
+            .all(|&i| (i as usize) < times.len()));
+        dataset.times = times;
         Ok(dataset)
+    }
+}
+
+/// A compensated (Kahan–Babuška) sum: the objective is a sum of up to millions of terms, and plain
+/// summation noise (~1e-13 relative) is as large as the last decreases L-BFGS makes near the
+/// optimum, which would stall its line search before the gradient tolerance is met.
+#[derive(Clone, Copy, Debug, Default)]
+struct CompensatedSum {
+    sum: f64,
+    compensation: f64,
+}
+
+impl CompensatedSum {
+    /// Knuth's branch-free two-sum: the rounding error of `sum + value` is recovered exactly.
+    #[inline]
+    fn add(&mut self, value: f64) {
+        let next = self.sum + value;
+        let value_part = next - self.sum;
+        self.compensation += (self.sum - (next - value_part)) + (value - value_part);
+        self.sum = next;
+    }
+
+    fn total(self) -> f64 {
+        self.sum + self.compensation
     }
 }
 
@@ -330,23 +439,59 @@ fn params_from_log(kind: ModelKind, log_params: &[f64]) -> Model {
 
 impl BgObjective<'_> {
     /// Total weighted log-likelihood and its gradient in the natural parameters.
+    ///
+    /// The sum of `ParamTerms::row` over the rows, with everything that depends on x only
+    /// factored out of each group: per row there is one `exp`, one `ln_1p` and one division
+    /// (the softplus of the drop-out odds and its derivative), and none at all for BG/NBD's
+    /// x = 0 rows.
     fn total(&self, model: &Model, gradient: &mut [f64; 4]) -> f64 {
         let terms = ParamTerms::new(model);
+        let BgParams { r, alpha, a, .. } = terms.params();
         let data = self.data;
-        let mut total = 0.0;
+        let shifted: Vec<(f64, f64)> = data.times.iter().map(|&t| terms.time_terms(t)).collect();
+        let mut total = CompensatedSum::default();
         *gradient = [0.0; 4];
-        let mut row_gradient = [0.0; 4];
-        for &(x, start, end) in &data.groups {
+        for &(x, start, end, group_weight) in &data.groups {
             let count = terms.count_terms(x);
-            for index in start..end {
-                let weight = data.weight[index];
-                total += weight * terms.row(&count, data.t_x[index], data.t[index], Some(&mut row_gradient));
-                for (slot, value) in gradient.iter_mut().zip(row_gradient) {
-                    *slot += weight * value;
+            let rx = r + x;
+            // Σ w ln(α+T), Σ w/(α+T), and for the drop-out term Σ w σ(D), Σ w σ(D) Δln, Σ w σ(D) Δinv.
+            let (mut sum_ln_t, mut sum_inv_t) = (0.0, 0.0);
+            let (mut sum_weight_dropout, mut sum_span, mut sum_inverse_span) = (0.0, 0.0, 0.0);
+            let rows = start..end;
+            let (t_index, t_x_index, weight) = (
+                &data.t_index[rows.clone()],
+                &data.t_x_index[rows.clone()],
+                &data.weight[rows],
+            );
+            if count.has_dropout_term {
+                for ((&it, &itx), &w) in t_index.iter().zip(t_x_index).zip(weight) {
+                    let (ln_t, inv_t) = shifted[it as usize];
+                    let (ln_t_x, inv_t_x) = shifted[itx as usize];
+                    let span = ln_t - ln_t_x;
+                    let (softplus, dropout) = softplus_and_sigmoid(count.ln_dropout_odds + rx * span);
+                    total.add(w * (softplus - rx * ln_t));
+                    sum_ln_t += w * ln_t;
+                    sum_inv_t += w * inv_t;
+                    let weighted_dropout = w * dropout;
+                    sum_weight_dropout += weighted_dropout;
+                    sum_span += weighted_dropout * span;
+                    sum_inverse_span += weighted_dropout * (inv_t_x - inv_t);
+                }
+            } else {
+                for (&it, &w) in t_index.iter().zip(weight) {
+                    let (ln_t, inv_t) = shifted[it as usize];
+                    total.add(-w * rx * ln_t);
+                    sum_ln_t += w * ln_t;
+                    sum_inv_t += w * inv_t;
                 }
             }
+            total.add(group_weight * count.constant);
+            gradient[0] += group_weight * count.d_r - sum_ln_t + sum_span;
+            gradient[1] += group_weight * r / alpha - rx * sum_inv_t - rx * sum_inverse_span;
+            gradient[2] += group_weight * count.d_a + sum_weight_dropout / a;
+            gradient[3] += group_weight * count.d_b - sum_weight_dropout * count.inv_b_denominator;
         }
-        total
+        total.total()
     }
 }
 
@@ -378,11 +523,19 @@ impl Objective for BgObjective<'_> {
 pub fn fit(kind: ModelKind, data: &[WeightedRfm]) -> Result<FitReport, FitError> {
     let dataset = Dataset::new(data)?;
     let (mut weighted_x, mut weighted_t) = (0.0, 0.0);
-    for &(x, start, end) in &dataset.groups {
+    for &(x, start, end, group_weight) in &dataset.groups {
+        weighted_x += group_weight * x;
         for index in start..end {
-            weighted_x += dataset.weight[index] * x;
-            weighted_t += dataset.weight[index] * dataset.t[index];
+            weighted_t += dataset.weight[index] * dataset.times[dataset.t_index[index] as usize];
         }
+    }
+    if weighted_x <= 0.0 {
+        return Err(FitError::Uninformative(String::from(
+            "no customer made a repeat purchase",
+        )));
+    }
+    if weighted_t <= 0.0 {
+        return Err(FitError::Uninformative(String::from("every customer has T = 0")));
     }
     let mean_x = weighted_x / dataset.total_weight;
     let mean_t = weighted_t / dataset.total_weight;
@@ -415,27 +568,118 @@ mod tests {
     #[test]
     fn compress_merges_and_sorts() {
         let rows = [
-            Rfm { x: 1.0, t_x: 2.0, t: 3.0 },
-            Rfm { x: 0.0, t_x: 0.0, t: 3.0 },
-            Rfm { x: 1.0, t_x: 2.0, t: 3.0 },
+            Rfm {
+                x: 1.0,
+                t_x: 2.0,
+                t: 3.0,
+            },
+            Rfm {
+                x: 0.0,
+                t_x: 0.0,
+                t: 3.0,
+            },
+            Rfm {
+                x: 1.0,
+                t_x: 2.0,
+                t: 3.0,
+            },
         ];
         let compressed = compress(rows);
         assert_eq!(
             compressed,
             vec![
-                WeightedRfm { rfm: Rfm { x: 0.0, t_x: 0.0, t: 3.0 }, weight: 1.0 },
-                WeightedRfm { rfm: Rfm { x: 1.0, t_x: 2.0, t: 3.0 }, weight: 2.0 },
+                WeightedRfm {
+                    rfm: Rfm {
+                        x: 0.0,
+                        t_x: 0.0,
+                        t: 3.0
+                    },
+                    weight: 1.0
+                },
+                WeightedRfm {
+                    rfm: Rfm {
+                        x: 1.0,
+                        t_x: 2.0,
+                        t: 3.0
+                    },
+                    weight: 2.0
+                },
             ]
         );
         assert!(compress(Vec::new()).is_empty());
     }
 
+    /// The grouped, table-driven objective must equal the sum of the per-customer API.
+    #[test]
+    fn objective_matches_per_customer_sum() {
+        let params = BgParams {
+            r: 0.7,
+            alpha: 5.0,
+            a: 0.9,
+            b: 2.5,
+        };
+        for kind in [ModelKind::BgNbd, ModelKind::MbgNbd] {
+            let rows = compress(simulate(kind, params, 3000, 3));
+            let dataset = Dataset::new(&rows).expect("dataset");
+            let objective = BgObjective { kind, data: &dataset };
+            let model = Model { kind, params };
+            let mut gradient = [0.0; 4];
+            let total = objective.total(&model, &mut gradient);
+            let (mut expected, mut expected_gradient) = (0.0, [0.0; 4]);
+            for row in &rows {
+                expected += row.weight * model.log_likelihood(row.rfm);
+                for (slot, value) in expected_gradient.iter_mut().zip(model.log_likelihood_gradient(row.rfm)) {
+                    *slot += row.weight * value;
+                }
+            }
+            assert!(
+                (total - expected).abs() < 1e-9 * expected.abs(),
+                "{kind}: {total} vs {expected}"
+            );
+            for (got, want) in gradient.iter().zip(expected_gradient) {
+                assert!(
+                    (got - want).abs() < 1e-9 * (1.0 + want.abs()),
+                    "{kind}: {gradient:?} vs {expected_gradient:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn fit_rejects_bad_input() {
         assert!(matches!(fit(ModelKind::BgNbd, &[]), Err(FitError::EmptyData)));
-        let bad = [WeightedRfm { rfm: Rfm { x: 1.0, t_x: f64::NAN, t: 2.0 }, weight: 1.0 }];
-        assert!(matches!(fit(ModelKind::BgNbd, &bad), Err(FitError::InvalidInput { index: 0, .. })));
-        let zero = [WeightedRfm { rfm: Rfm { x: 1.0, t_x: 1.0, t: 2.0 }, weight: 0.0 }];
+        let bad = [WeightedRfm {
+            rfm: Rfm {
+                x: 1.0,
+                t_x: f64::NAN,
+                t: 2.0,
+            },
+            weight: 1.0,
+        }];
+        assert!(matches!(
+            fit(ModelKind::BgNbd, &bad),
+            Err(FitError::InvalidInput { index: 0, .. })
+        ));
+        let no_repeat = [WeightedRfm {
+            rfm: Rfm {
+                x: 0.0,
+                t_x: 0.0,
+                t: 2.0,
+            },
+            weight: 5.0,
+        }];
+        assert!(matches!(
+            fit(ModelKind::MbgNbd, &no_repeat),
+            Err(FitError::Uninformative(_))
+        ));
+        let zero = [WeightedRfm {
+            rfm: Rfm {
+                x: 1.0,
+                t_x: 1.0,
+                t: 2.0,
+            },
+            weight: 0.0,
+        }];
         assert!(matches!(fit(ModelKind::BgNbd, &zero), Err(FitError::EmptyData)));
     }
 
@@ -469,7 +713,12 @@ mod tests {
 
     #[test]
     fn recovers_known_parameters_from_synthetic_data() {
-        let truth = BgParams { r: 0.8, alpha: 6.0, a: 1.2, b: 3.5 };
+        let truth = BgParams {
+            r: 0.8,
+            alpha: 6.0,
+            a: 1.2,
+            b: 3.5,
+        };
         for kind in [ModelKind::BgNbd, ModelKind::MbgNbd] {
             let rows = simulate(kind, truth, 40_000, 7);
             let report = fit(kind, &compress(rows)).expect("fit");
@@ -483,7 +732,10 @@ mod tests {
                 ("a", fitted.a, truth.a),
                 ("b", fitted.b, truth.b),
             ] {
-                assert!(((got - want) / want).abs() < 0.2, "{kind} {name}: fitted {got}, truth {want} ({report:?})");
+                assert!(
+                    ((got - want) / want).abs() < 0.2,
+                    "{kind} {name}: fitted {got}, truth {want} ({report:?})"
+                );
             }
         }
     }

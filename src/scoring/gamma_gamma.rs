@@ -8,7 +8,7 @@
 //!
 //! Model: each transaction's value is `Gamma(shape p, rate ν)`, and `ν ~ Gamma(shape q, rate v)`
 //! across customers. The mean `m_x` of `x` transactions is `Gamma(p x, ν x)` given `ν`; with `ν`
-//! integrated out (Fader & Hardie 2013, eq. 3)
+//! integrated out (Fader & Hardie 2013)
 //!
 //! ```text
 //! f(m_x | p, q, v, x) = Γ(px+q) / (Γ(px) Γ(q)) · v^q m_x^{px-1} x^{px} / (v + x m_x)^{px+q}
@@ -61,7 +61,9 @@ impl GammaGammaParams {
     pub fn validate(&self) -> Result<(), String> {
         for (name, value) in [("p", self.p), ("q", self.q), ("v", self.v)] {
             if !(value.is_finite() && value > 0.0) {
-                return Err(format!("gamma-gamma parameter {name} must be finite and > 0, got {value}"));
+                return Err(format!(
+                    "gamma-gamma parameter {name} must be finite and > 0, got {value}"
+                ));
             }
         }
         Ok(())
@@ -86,15 +88,17 @@ impl GammaGammaParams {
     }
 
     fn log_likelihood_with_gradient(&self, x: f64, m_x: f64, gradient: Option<&mut [f64; 3]>) -> f64 {
-        debug_assert!(x > 0.0 && m_x > 0.0, "gamma-gamma needs x > 0 and m_x > 0, got {x}, {m_x}");
+        debug_assert!(
+            x > 0.0 && m_x > 0.0,
+            "gamma-gamma needs x > 0 and m_x > 0, got {x}, {m_x}"
+        );
         let GammaGammaParams { p, q, v } = *self;
         let px = p * x;
         let spend = x * m_x;
         // ln(v + x m_x) split as ln v + ln(1 + x m_x / v) so both derivatives reuse it.
         let ln_ratio = (spend / v).ln_1p();
         let ln_total = v.ln() + ln_ratio;
-        let value = ln_gamma(px + q) - ln_gamma(px) - ln_gamma(q) + q * v.ln() + (px - 1.0) * m_x.ln()
-            + px * x.ln()
+        let value = ln_gamma(px + q) - ln_gamma(px) - ln_gamma(q) + q * v.ln() + (px - 1.0) * m_x.ln() + px * x.ln()
             - (px + q) * ln_total;
         if let Some(gradient) = gradient {
             let digamma_total = digamma(px + q);
@@ -106,7 +110,7 @@ impl GammaGammaParams {
     }
 
     /// `E[Z | p, q, v, x, m_x]`, the expected value of a customer's future transactions
-    /// (Fader & Hardie 2013, eq. 5):
+    /// (Fader & Hardie 2013):
     /// `(v + x m_x) p / (p x + q - 1)`, a weighted mean of the population mean `p v / (q - 1)` and
     /// the customer's own `m_x`. With `x = 0` it is the population mean.
     ///
@@ -180,7 +184,7 @@ pub fn fit_gamma_gamma(rows: &[SpendRow]) -> Result<GammaGammaFit, FitError> {
     let mut sorted: Vec<SpendRow> = Vec::with_capacity(rows.len());
     for (index, row) in rows.iter().enumerate() {
         let valid = row.x.is_finite() && row.x > 0.0 && row.m_x.is_finite() && row.m_x > 0.0;
-        if !valid || !(row.weight.is_finite() && row.weight >= 0.0) {
+        if !(valid && row.weight.is_finite() && row.weight >= 0.0) {
             return Err(FitError::InvalidInput {
                 index,
                 reason: format!("gamma-gamma needs finite x > 0, m_x > 0 and weight >= 0, got {row:?}"),
@@ -194,7 +198,12 @@ pub fn fit_gamma_gamma(rows: &[SpendRow]) -> Result<GammaGammaFit, FitError> {
         return Err(FitError::EmptyData);
     }
     sorted.sort_by(|left, right| left.x.total_cmp(&right.x).then(left.m_x.total_cmp(&right.m_x)));
-    let mut objective = SpendObjective { groups: Vec::new(), m_x: Vec::new(), weight: Vec::new(), total_weight: 0.0 };
+    let mut objective = SpendObjective {
+        groups: Vec::new(),
+        m_x: Vec::new(),
+        weight: Vec::new(),
+        total_weight: 0.0,
+    };
     let mut weighted_spend = 0.0;
     for (index, row) in sorted.iter().enumerate() {
         match objective.groups.last_mut() {
@@ -207,8 +216,12 @@ pub fn fit_gamma_gamma(rows: &[SpendRow]) -> Result<GammaGammaFit, FitError> {
         weighted_spend += row.weight * row.m_x;
     }
     let mean_spend = weighted_spend / objective.total_weight;
-    let starts = [[1.0, 3.0, 2.0 * mean_spend], [5.0, 2.0, 0.25 * mean_spend], [0.5, 10.0, 20.0 * mean_spend]]
-        .map(|start| start.iter().map(|value| value.ln()).collect::<Vec<f64>>());
+    let starts = [
+        [1.0, 3.0, 2.0 * mean_spend],
+        [5.0, 2.0, 0.25 * mean_spend],
+        [0.5, 10.0, 20.0 * mean_spend],
+    ]
+    .map(|start| start.iter().map(|value| value.ln()).collect::<Vec<f64>>());
     let minimum = minimize(&objective, &starts)?;
     let params = GammaGammaParams {
         p: minimum.log_params[0].exp(),
@@ -233,7 +246,11 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() {
-        let params = GammaGammaParams { p: 6.25, q: 3.74, v: 15.44 };
+        let params = GammaGammaParams {
+            p: 6.25,
+            q: 3.74,
+            v: 15.44,
+        };
         for (x, m_x) in [(1.0, 10.0), (3.0, 35.0), (20.0, 150.0)] {
             let gradient = params.log_likelihood_gradient(x, m_x);
             let bump = |index: usize, step: f64| {
@@ -248,14 +265,21 @@ mod tests {
             for (index, analytic) in gradient.iter().enumerate() {
                 let step = 1e-6;
                 let numeric = (bump(index, step) - bump(index, -step)) / (2.0 * step);
-                assert!((numeric - analytic).abs() <= 1e-6 * (1.0 + analytic.abs()), "{index}: {numeric} vs {analytic}");
+                assert!(
+                    (numeric - analytic).abs() <= 1e-6 * (1.0 + analytic.abs()),
+                    "{index}: {numeric} vs {analytic}"
+                );
             }
         }
     }
 
     #[test]
     fn conditional_expected_spend_shrinks_towards_population_mean() {
-        let params = GammaGammaParams { p: 6.25, q: 3.74, v: 15.44 };
+        let params = GammaGammaParams {
+            p: 6.25,
+            q: 3.74,
+            v: 15.44,
+        };
         let population = params.p * params.v / (params.q - 1.0);
         assert!((params.conditional_expected_spend(0.0, 0.0) - population).abs() < 1e-12);
         let one = params.conditional_expected_spend(1.0, 100.0);
@@ -267,7 +291,11 @@ mod tests {
 
     #[test]
     fn recovers_known_parameters_from_synthetic_data() {
-        let truth = GammaGammaParams { p: 4.0, q: 5.0, v: 60.0 };
+        let truth = GammaGammaParams {
+            p: 4.0,
+            q: 5.0,
+            v: 60.0,
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(11);
         let rate = Gamma::new(truth.q, 1.0 / truth.v).expect("gamma");
         let rows: Vec<SpendRow> = (0..20_000)
@@ -275,12 +303,20 @@ mod tests {
                 let nu: f64 = rate.sample(&mut rng);
                 let x = f64::from(1 + index % 7);
                 let mean = Gamma::new(truth.p * x, 1.0 / (nu * x)).expect("gamma");
-                SpendRow { x, m_x: mean.sample(&mut rng), weight: 1.0 }
+                SpendRow {
+                    x,
+                    m_x: mean.sample(&mut rng),
+                    weight: 1.0,
+                }
             })
             .collect();
         let fitted = fit_gamma_gamma(&rows).expect("fit");
         assert!(fitted.converged, "{fitted:?}");
-        for (got, want) in [(fitted.params.p, truth.p), (fitted.params.q, truth.q), (fitted.params.v, truth.v)] {
+        for (got, want) in [
+            (fitted.params.p, truth.p),
+            (fitted.params.q, truth.q),
+            (fitted.params.v, truth.v),
+        ] {
             assert!(((got - want) / want).abs() < 0.15, "{fitted:?}");
         }
     }

@@ -14,7 +14,11 @@ use crate::domain::{ContactKey, ContactState};
 pub type ShardHasher = foldhash::fast::FixedState;
 
 /// One partition's contacts.
-pub type Shard = DashMap<ContactKey, ContactState, ShardHasher>;
+///
+/// States are boxed: a hash table keeps up to half its slots empty (power-of-two sizing, 7/8
+/// load), so a slot holding a 40-byte key and pointer instead of the whole state saves more
+/// than the allocation costs (measured: `examples/state_memory.rs`, README "Performance").
+pub type Shard = DashMap<ContactKey, Box<ContactState>, ShardHasher>;
 
 /// An empty shard with room for `capacity` contacts before it grows.
 pub fn new_shard(capacity: usize) -> Shard {
