@@ -350,84 +350,85 @@ impl Engine {
         out: &mut Vec<StageChange>,
     ) -> bool {
         let mut risk = RiskCache::new(now);
-        let trigger = || match event {
-            Some(event) => Trigger::Event(event.event_id.clone()),
-            None => Trigger::Timer,
-        };
         let emitted_before = out.len();
+        let mut emit = |engine: &Self, state: &mut ContactState, risk: &mut RiskCache, step: Move| {
+            let trigger = match event {
+                Some(event) => Trigger::Event(event.event_id.clone()),
+                None => Trigger::Timer,
+            };
+            out.push(engine.take(key, state, now, step, trigger, risk));
+        };
         if state.seq == 0 {
-            let (target, reason) = self
+            // First sight: the initial stage, or further if a rule places the contact there.
+            let (to, reason) = self
                 .forward_target(state, state.stage, now, event, &mut risk)
                 .unwrap_or((state.stage, self.model.first_seen.clone()));
-            let skipped = self.model.between(None, self.model.rank(target).unwrap_or(0));
-            self.emit(
-                key,
+            let skipped = self.model.between(None, self.model.rank(to).unwrap_or(0));
+            emit(
+                self,
                 state,
-                target,
-                now,
-                reason,
-                skipped,
-                false,
-                trigger(),
                 &mut risk,
-                out,
+                Move {
+                    to,
+                    reason,
+                    skipped,
+                    reactivated: false,
+                },
             );
         } else if self.model.is_lost(state.stage) {
             let lost = self.model.stage(state.stage);
             if event.is_some_and(|event| lost.reactivate_on.iter().any(|matcher| matcher.matches(event))) {
                 let home = state.main_stage;
-                let (target, _) = self
+                let (to, _) = self
                     .forward_target(state, home, now, event, &mut risk)
                     .unwrap_or((home, self.model.reactivated.clone()));
-                if self.lost_target(state, target, now, event, &mut risk).is_none() {
+                // Coming back only to be lost again at once is no reactivation.
+                if self.lost_target(state, to, now, event, &mut risk).is_none() {
                     let skipped = self
                         .model
-                        .between(self.model.rank(home), self.model.rank(target).unwrap_or(0));
+                        .between(self.model.rank(home), self.model.rank(to).unwrap_or(0));
                     let reason = self.model.reactivated.clone();
-                    self.emit(
-                        key,
+                    emit(
+                        self,
                         state,
-                        target,
-                        now,
-                        reason,
-                        skipped,
-                        true,
-                        trigger(),
                         &mut risk,
-                        out,
+                        Move {
+                            to,
+                            reason,
+                            skipped,
+                            reactivated: true,
+                        },
                     );
                 }
                 return out.len() > emitted_before;
             }
-        } else if let Some((target, reason)) = self.forward_target(state, state.stage, now, event, &mut risk) {
+        } else if let Some((to, reason)) = self.forward_target(state, state.stage, now, event, &mut risk) {
             let skipped = self
                 .model
-                .between(self.model.rank(state.stage), self.model.rank(target).unwrap_or(0));
-            self.emit(
-                key,
+                .between(self.model.rank(state.stage), self.model.rank(to).unwrap_or(0));
+            emit(
+                self,
                 state,
-                target,
-                now,
-                reason,
-                skipped,
-                false,
-                trigger(),
                 &mut risk,
-                out,
+                Move {
+                    to,
+                    reason,
+                    skipped,
+                    reactivated: false,
+                },
             );
         }
-        if let Some((target, reason)) = self.lost_target(state, state.stage, now, event, &mut risk) {
-            self.emit(
-                key,
+        if let Some((to, reason)) = self.lost_target(state, state.stage, now, event, &mut risk) {
+            emit(
+                self,
                 state,
-                target,
-                now,
-                reason,
-                Vec::new(),
-                false,
-                trigger(),
                 &mut risk,
-                out,
+                Move {
+                    to,
+                    reason,
+                    skipped: Vec::new(),
+                    reactivated: false,
+                },
             );
         }
         out.len() > emitted_before
@@ -544,49 +545,53 @@ impl Engine {
         true
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn emit(
+    /// Moves the contact and describes the move as a stage change.
+    fn take(
         &self,
         key: &ContactKey,
         state: &mut ContactState,
-        to: StageId,
         now: Timestamp,
-        reason: Arc<str>,
-        skipped: Vec<StageId>,
-        reactivated: bool,
+        step: Move,
         trigger: Trigger,
         risk: &mut RiskCache,
-        out: &mut Vec<StageChange>,
-    ) {
+    ) -> StageChange {
         let (from, millis_in_previous) = if state.seq == 0 {
-            state.stage = to;
+            state.stage = step.to;
             state.stage_entered_at = now;
             (None, 0)
         } else {
             let from = state.stage;
             let spent = now.millis_since(state.stage_entered_at).max(0);
-            state.move_to(to, now);
+            state.move_to(step.to, now);
             (Some(from), spent)
         };
-        if self.model.rank(to) > self.model.rank(state.main_stage) {
-            state.main_stage = to;
+        if self.model.rank(step.to) > self.model.rank(state.main_stage) {
+            state.main_stage = step.to;
         }
         state.seq += 1;
-        out.push(StageChange {
+        StageChange {
             event_id: stage_change_id(key, state.seq),
             key: key.clone(),
             seq: state.seq,
             from,
-            to,
+            to: step.to,
             occurred_at: now,
-            reason,
-            skipped,
-            reactivated,
+            reason: step.reason,
+            skipped: step.skipped,
+            reactivated: step.reactivated,
             trigger,
             millis_in_previous,
             churn_risk: risk.get(&self.scorer, state),
-        });
+        }
     }
+}
+
+/// A decided move, before it is taken.
+struct Move {
+    to: StageId,
+    reason: Arc<str>,
+    skipped: Vec<StageId>,
+    reactivated: bool,
 }
 
 /// The deterministic id of a contact's `seq`-th stage change: a UUID-shaped hex string from
