@@ -758,11 +758,41 @@ pub enum Trigger {
     Timer,
 }
 
+/// A stage change's deterministic id: 128 bits, written as a UUID-shaped hex string
+/// (`8-4-4-4-12`). Kept binary in the core; formatted only where it is written out.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StageChangeId(pub [u8; 16]);
+
+impl fmt::Display for StageChangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 36];
+        let mut position = 0;
+        for (index, byte) in self.0.iter().enumerate() {
+            if matches!(index, 4 | 6 | 8 | 10) {
+                text[position] = b'-';
+                position += 1;
+            }
+            text[position] = HEX[usize::from(byte >> 4)];
+            text[position + 1] = HEX[usize::from(byte & 0x0f)];
+            position += 2;
+        }
+        // Only ASCII hex digits and dashes were written.
+        f.write_str(std::str::from_utf8(&text).unwrap_or_default())
+    }
+}
+
+impl fmt::Debug for StageChangeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// One lifecycle transition, as published on the stage-change topic.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageChange {
     /// Deterministic id: the same contact and sequence number always give the same id.
-    pub event_id: String,
+    pub event_id: StageChangeId,
     /// The contact.
     pub key: ContactKey,
     /// Per-contact transition number, starting at 1.

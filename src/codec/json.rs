@@ -309,7 +309,7 @@ impl StageChangeRecord {
             Trigger::Timer => ("timer", None),
         };
         StageChangeRecord {
-            event_id: change.event_id.clone(),
+            event_id: change.event_id.to_string(),
             contact_id,
             anonymous_id,
             seq: change.seq,

@@ -29,8 +29,8 @@ use sha2::{Digest, Sha256};
 pub use model::{Conditions, Engagement, EventMatcher, Rule, StageDef, StageModel, StageSet};
 
 use crate::domain::{
-    fingerprint, ContactEvent, ContactKey, ContactState, EventBody, PurchaseHistory, StageChange, StageId, Timestamp,
-    Trigger,
+    fingerprint, ContactEvent, ContactKey, ContactState, EventBody, PurchaseHistory, StageChange, StageChangeId,
+    StageId, Timestamp, Trigger,
 };
 use crate::scoring::ChurnScorer;
 
@@ -594,24 +594,40 @@ struct Move {
     reactivated: bool,
 }
 
-/// The deterministic id of a contact's `seq`-th stage change: a UUID-shaped hex string from
-/// SHA-256 of the key and the sequence number. A retry or a replay gives the same id, so
-/// consumers can drop duplicates by it.
-pub fn stage_change_id(key: &ContactKey, seq: u32) -> String {
+/// The deterministic id of a contact's `seq`-th stage change: the first 128 bits of SHA-256
+/// over the key and the sequence number, shown as a UUID-shaped hex string. A retry or a
+/// replay gives the same id, so consumers can drop duplicates by it.
+pub fn stage_change_id(key: &ContactKey, seq: u32) -> StageChangeId {
     let mut hasher = Sha256::new();
     hasher.update(if key.anonymous { b"a" } else { b"c" });
     hasher.update(key.id.as_bytes());
     hasher.update(b"\0");
     hasher.update(seq.to_be_bytes());
     let digest = hasher.finalize();
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut text = String::with_capacity(36);
-    for (index, byte) in digest[..16].iter().enumerate() {
-        if matches!(index, 4 | 6 | 8 | 10) {
-            text.push('-');
-        }
-        text.push(char::from(HEX[usize::from(byte >> 4)]));
-        text.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    StageChangeId(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_change_ids_are_stable_sha256_prefixes() {
+        // Pinned: consumers dedupe on these ids across releases, so they must never change.
+        // Reference: python3 hashlib.sha256(b"c" + b"c1" + b"\0" + (1).to_bytes(4, "big")).
+        assert_eq!(
+            stage_change_id(&ContactKey::contact("c1"), 1).to_string(),
+            "c8e0151b-09d3-a897-587f-bf10eaae1a72"
+        );
+        assert_eq!(
+            stage_change_id(&ContactKey::anonymous("c1"), 1).to_string(),
+            "dc1c64cd-0d0f-5ba1-1ec8-d73d987855ca"
+        );
+        assert_ne!(
+            stage_change_id(&ContactKey::contact("c1"), 2),
+            stage_change_id(&ContactKey::contact("c1"), 1)
+        );
     }
-    text
 }
