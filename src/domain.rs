@@ -294,6 +294,13 @@ pub struct Click {
 }
 
 impl Click {
+    /// True when the click carries any identifier worth keeping for attribution.
+    pub fn carries_identity(&self) -> bool {
+        IdentityField::ALL
+            .iter()
+            .any(|field| field.of(self).is_some_and(|value| !value.is_empty()))
+    }
+
     /// A click of the given type with no optional fields.
     pub fn new(kind: ClickType) -> Self {
         Click {
@@ -548,48 +555,123 @@ fn merge_status(current: PurchaseStatus, incoming: PurchaseStatus) -> PurchaseSt
     }
 }
 
-/// Identifiers and click ids seen for a contact, kept for ad-attribution outputs.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// The identifiers kept per contact for ad-attribution outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityField {
+    /// Email as entered.
+    Email,
+    /// Phone as entered.
+    Phone,
+    /// Client IP address.
+    Ip,
+    /// Browser user agent.
+    UserAgent,
+    /// Meta click id (`_fbc`).
+    Fbc,
+    /// Meta browser id (`_fbp`).
+    Fbp,
+    /// TikTok click id.
+    Ttclid,
+}
+
+impl IdentityField {
+    /// Every field, in storage order.
+    pub const ALL: [IdentityField; 7] = [
+        IdentityField::Email,
+        IdentityField::Phone,
+        IdentityField::Ip,
+        IdentityField::UserAgent,
+        IdentityField::Fbc,
+        IdentityField::Fbp,
+        IdentityField::Ttclid,
+    ];
+
+    fn of(self, click: &Click) -> Option<&str> {
+        match self {
+            IdentityField::Email => click.email.as_deref(),
+            IdentityField::Phone => click.phone.as_deref(),
+            IdentityField::Ip => click.ip.as_deref(),
+            IdentityField::UserAgent => click.user_agent.as_deref(),
+            IdentityField::Fbc => click.fbc.as_deref(),
+            IdentityField::Fbp => click.fbp.as_deref(),
+            IdentityField::Ttclid => click.ttclid.as_deref(),
+        }
+    }
+}
+
+/// Longest value kept per identifier, in bytes; longer ones (a user agent with a novel in it)
+/// are cut at a character boundary, so one contact's memory stays bounded.
+pub const MAX_IDENTIFIER_BYTES: usize = 512;
+
+/// The latest value of each [`IdentityField`] seen for a contact, packed back to back in one
+/// allocation (seven separate strings cost several times the memory for the same text).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
-    /// Latest email seen.
-    pub email: Option<String>,
-    /// Latest phone seen.
-    pub phone: Option<String>,
-    /// Latest client IP seen.
-    pub ip: Option<String>,
-    /// Latest user agent seen.
-    pub user_agent: Option<String>,
-    /// Latest Meta click id.
-    pub fbc: Option<String>,
-    /// Latest Meta browser id.
-    pub fbp: Option<String>,
-    /// Latest TikTok click id.
-    pub ttclid: Option<String>,
+    /// The values, concatenated in [`IdentityField::ALL`] order.
+    text: Box<str>,
+    /// End offset of each value in `text`; an empty value is an absent one.
+    ends: [u16; 7],
 }
 
 impl Identity {
-    /// Takes the identifiers a click carries, keeping older ones the click lacks.
-    pub fn absorb(&mut self, click: &Click) {
-        fn keep(slot: &mut Option<String>, value: &Option<String>) {
-            if let Some(value) = value {
-                if slot.as_deref() != Some(value.as_str()) {
-                    *slot = Some(value.clone());
-                }
-            }
-        }
-        keep(&mut self.email, &click.email);
-        keep(&mut self.phone, &click.phone);
-        keep(&mut self.ip, &click.ip);
-        keep(&mut self.user_agent, &click.user_agent);
-        keep(&mut self.fbc, &click.fbc);
-        keep(&mut self.fbp, &click.fbp);
-        keep(&mut self.ttclid, &click.ttclid);
+    /// The latest value of `field`, if any was seen.
+    pub fn get(&self, field: IdentityField) -> Option<&str> {
+        let index = field as usize;
+        let start = if index == 0 {
+            0
+        } else {
+            usize::from(self.ends[index - 1])
+        };
+        let end = usize::from(self.ends[index]);
+        (end > start).then(|| self.text.get(start..end)).flatten()
     }
 
-    /// True when there is nothing to keep.
-    pub fn is_empty(&self) -> bool {
-        *self == Identity::default()
+    /// Takes the identifiers a click carries, keeping older ones the click lacks.
+    pub fn absorb(&mut self, click: &Click) {
+        let changed = IdentityField::ALL.iter().any(|field| {
+            field
+                .of(click)
+                .is_some_and(|value| !value.is_empty() && Some(bounded(value)) != self.get(*field))
+        });
+        if !changed {
+            return;
+        }
+        let values: Vec<&str> = IdentityField::ALL
+            .iter()
+            .map(|field| match field.of(click) {
+                Some(value) if !value.is_empty() => bounded(value),
+                _ => self.get(*field).unwrap_or(""),
+            })
+            .collect();
+        let mut text = String::with_capacity(values.iter().map(|value| value.len()).sum());
+        let mut ends = [0u16; 7];
+        for (end, value) in ends.iter_mut().zip(&values) {
+            text.push_str(value);
+            // At most 7 * MAX_IDENTIFIER_BYTES, far below u16::MAX.
+            *end = u16::try_from(text.len()).unwrap_or(u16::MAX);
+        }
+        *self = Identity {
+            text: text.into_boxed_str(),
+            ends,
+        };
     }
+
+    /// True when nothing was seen.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+}
+
+/// `value` cut to at most [`MAX_IDENTIFIER_BYTES`] at a character boundary.
+fn bounded(value: &str) -> &str {
+    if value.len() <= MAX_IDENTIFIER_BYTES {
+        return value;
+    }
+    let mut end = MAX_IDENTIFIER_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
 }
 
 /// How many recent event fingerprints each contact remembers to drop duplicates.
@@ -634,8 +716,8 @@ pub struct ContactExtra {
     pub history: Vec<StageSpan>,
     /// Orders, for buyers.
     pub purchases: Option<Box<PurchaseHistory>>,
-    /// Identifiers for attribution, when any were seen.
-    pub identity: Option<Box<Identity>>,
+    /// Identifiers for attribution (empty when none were seen).
+    pub identity: Identity,
     /// Cached: the first whole second at which the contact's churn risk reaches the lowest
     /// threshold of a rule that applies from its stage ([`Timestamp::NEVER`] if none). It only
     /// changes when purchases or the stage change, so timers need not recompute it per event.
@@ -647,7 +729,7 @@ impl Default for ContactExtra {
         ContactExtra {
             history: Vec::new(),
             purchases: None,
-            identity: None,
+            identity: Identity::default(),
             risk_due: Timestamp::NEVER,
         }
     }
@@ -698,7 +780,10 @@ impl ContactState {
 
     /// Identifiers seen, if any.
     pub fn identity(&self) -> Option<&Identity> {
-        self.extra.as_deref()?.identity.as_deref()
+        self.extra
+            .as_deref()
+            .map(|extra| &extra.identity)
+            .filter(|identity| !identity.is_empty())
     }
 
     /// See [`ContactExtra::risk_due`].
@@ -879,6 +964,27 @@ mod tests {
         }
         // Only the last RECENT_EVENTS are kept.
         assert!(state.remember_event(fingerprint("a")));
+    }
+
+    #[test]
+    fn identity_keeps_the_latest_of_each_field_in_one_allocation() {
+        let mut identity = Identity::default();
+        let mut click = Click::new(ClickType::Signup);
+        click.email = Some("Ann@Example.com".into());
+        click.user_agent = Some("x".repeat(2000));
+        identity.absorb(&click);
+        let mut later = Click::new(ClickType::PageView);
+        later.ip = Some("10.0.0.1".into());
+        later.email = Some(String::new());
+        identity.absorb(&later);
+        assert_eq!(identity.get(IdentityField::Email), Some("Ann@Example.com"));
+        assert_eq!(identity.get(IdentityField::Ip), Some("10.0.0.1"));
+        assert_eq!(
+            identity.get(IdentityField::UserAgent).map(str::len),
+            Some(MAX_IDENTIFIER_BYTES)
+        );
+        assert_eq!(identity.get(IdentityField::Phone), None);
+        assert_eq!(identity.get(IdentityField::Ttclid), None);
     }
 
     #[test]

@@ -317,19 +317,8 @@ impl Engine {
         }
         match &event.body {
             EventBody::Click(click) => {
-                let carries_ids = click.email.is_some()
-                    || click.phone.is_some()
-                    || click.ip.is_some()
-                    || click.user_agent.is_some()
-                    || click.fbc.is_some()
-                    || click.fbp.is_some()
-                    || click.ttclid.is_some();
-                if carries_ids {
-                    state
-                        .extra_mut()
-                        .identity
-                        .get_or_insert_with(Default::default)
-                        .absorb(click);
+                if click.carries_identity() {
+                    state.extra_mut().identity.absorb(click);
                 }
             }
             EventBody::Purchase(purchase) => {
