@@ -136,6 +136,21 @@ fn write_changes(changes: &[StageChange], model: &StageModel, out: &mut dyn Writ
     Ok(())
 }
 
+/// Time spent in one stage, as written by `--state-out`.
+#[derive(Debug, Serialize)]
+pub struct StageVisit {
+    /// Stage id.
+    pub stage: String,
+    /// Times entered.
+    pub visits: u32,
+    /// First entry.
+    pub first_entered_at: String,
+    /// Last exit; `null` while the contact is in the stage.
+    pub last_exited_at: Option<String>,
+    /// Cumulative seconds over all visits.
+    pub seconds: f64,
+}
+
 /// One contact's final state as written by `--state-out`.
 #[derive(Debug, Serialize)]
 pub struct ContactReport {
@@ -153,8 +168,9 @@ pub struct ContactReport {
     pub main_stage: String,
     /// Stage changes so far.
     pub transitions: u32,
-    /// Cumulative seconds per stage visited (current visit included).
-    pub seconds_per_stage: BTreeMap<String, f64>,
+    /// Every stage visited: visits, first entry, last exit, cumulative seconds (the current
+    /// visit included, with no exit).
+    pub stages: Vec<StageVisit>,
     /// Repeat purchase days (`x`), for buyers.
     pub x: Option<f64>,
     /// Recency in the model's time unit.
@@ -190,15 +206,33 @@ impl ContactReport {
         } else {
             (Some(key.id.to_string()), None)
         };
-        let mut seconds_per_stage = BTreeMap::new();
-        for span in state.history() {
-            seconds_per_stage.insert(model.stage(span.stage).id.clone(), 0.0);
-        }
-        seconds_per_stage.insert(model.stage(state.stage).id.clone(), 0.0);
-        for (id, seconds) in seconds_per_stage.iter_mut() {
-            if let Some(stage) = model.find(id) {
-                *seconds = state.time_in_stage(stage, now) as f64 / 1000.0;
+        let mut stages: Vec<StageVisit> = state
+            .history()
+            .iter()
+            .map(|span| StageVisit {
+                stage: model.stage(span.stage).id.clone(),
+                visits: span.visits,
+                first_entered_at: format_timestamp(span.first_entered_at),
+                last_exited_at: Some(format_timestamp(span.last_exited_at)),
+                seconds: state.time_in_stage(span.stage, now) as f64 / 1000.0,
+            })
+            .collect();
+        match stages
+            .iter_mut()
+            .find(|visit| visit.stage == model.stage(state.stage).id)
+        {
+            Some(visit) => {
+                // Back in a stage visited before: the open visit counts too.
+                visit.visits += 1;
+                visit.last_exited_at = None;
             }
+            None => stages.push(StageVisit {
+                stage: model.stage(state.stage).id.clone(),
+                visits: 1,
+                first_entered_at: format_timestamp(state.stage_entered_at),
+                last_exited_at: None,
+                seconds: state.time_in_stage(state.stage, now) as f64 / 1000.0,
+            }),
         }
         let history = state.purchase_history();
         ContactReport {
@@ -209,7 +243,7 @@ impl ContactReport {
             seconds_in_stage: now.millis_since(state.stage_entered_at).max(0) as f64 / 1000.0,
             main_stage: model.stage(state.main_stage).id.clone(),
             transitions: state.seq,
-            seconds_per_stage,
+            stages,
             x: score.x,
             t_x: score.t_x,
             t: score.t,

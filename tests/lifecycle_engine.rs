@@ -429,3 +429,74 @@ proptest! {
         prop_assert_eq!(history(&events), history(&shuffled));
     }
 }
+
+#[test]
+fn a_custom_stage_model_needs_no_recompiling() {
+    // A B2B model: other stages, other rules, other thresholds, from configuration alone.
+    let text = r#"
+[[stages]]
+id = "prospect"
+label = "Prospect"
+[[stages]]
+id = "qualified"
+label = "Sales qualified"
+[[stages]]
+id = "won"
+label = "Closed won"
+[[stages]]
+id = "churned"
+lost = true
+reactivate_on = ["purchase:completed"]
+
+[[rules]]
+to = "qualified"
+on = ["clickstream:form_submitted"]
+reason = "form"
+
+[[rules]]
+to = "won"
+min_purchase_days = 1
+reason = "contract"
+
+[[rules]]
+to = "churned"
+from = ["won"]
+min_inactive_days = 60
+reason = "silent"
+"#;
+    let config = Config::from_toml(text, "b2b.toml", std::iter::empty()).unwrap();
+    let engine = Arc::new(config.engine);
+    let mut processor = Processor::new(engine.clone(), Arc::new(new_shard(0)), config.processing);
+    let mut out = Vec::new();
+    let t0 = start();
+    processor.process(&event("c1", "e1", t0, "page_view"), &mut out);
+    processor.process(&event("c1", "e2", t0.plus_millis(HOUR), "form_submitted"), &mut out);
+    processor.process(
+        &event("c1", "e3", t0.plus_millis(DAY), "purchase:o1:completed"),
+        &mut out,
+    );
+    processor.advance_to(t0.plus_millis(100 * DAY), &mut out);
+    processor.process(
+        &event("c1", "e4", t0.plus_millis(120 * DAY), "purchase:o2:completed"),
+        &mut out,
+    );
+    let records = records(&engine, &out);
+    assert_eq!(
+        path(&records),
+        [
+            (None, "prospect", "first_seen"),
+            (Some("prospect"), "qualified", "form"),
+            (Some("qualified"), "won", "contract"),
+            (Some("won"), "churned", "silent"),
+            (Some("churned"), "won", "reactivated"),
+        ]
+    );
+    assert_eq!(
+        records[3].occurred_at, "2025-03-03T00:00:00.000Z",
+        "60 days after the last activity (the purchase on Jan 2)"
+    );
+    assert_eq!(
+        engine.model.stage(engine.model.find("qualified").unwrap()).label,
+        "Sales qualified"
+    );
+}
