@@ -26,6 +26,26 @@ fn run(command: &mut Command, stdin: &[u8]) -> Output {
     output
 }
 
+/// Generates `contacts` contacts over `days` into `dir/events.jsonl` and returns its path.
+fn generate_file(dir: &std::path::Path, contacts: u32, days: u32, seed: u32) -> std::path::PathBuf {
+    let events = dir.join("events.jsonl");
+    let output = run(
+        binary()
+            .args([
+                "generate",
+                "--contacts",
+                &contacts.to_string(),
+                "--days",
+                &days.to_string(),
+            ])
+            .args(["--seed", &seed.to_string(), "--output"])
+            .arg(&events),
+        b"",
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    events
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -107,23 +127,7 @@ fn replay_reports_bad_lines_and_carries_on() {
 #[test]
 fn generate_then_replay_is_deterministic_and_writes_state() {
     let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.jsonl");
-    let output = run(
-        binary()
-            .args([
-                "generate",
-                "--contacts",
-                "2000",
-                "--days",
-                "120",
-                "--seed",
-                "5",
-                "--output",
-            ])
-            .arg(&events),
-        b"",
-    );
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    let events = generate_file(dir.path(), 2000, 120, 5);
     assert!(
         dir.path().join("events.jsonl.truth.jsonl").exists(),
         "ground truth is written beside the events"
@@ -188,23 +192,7 @@ fn fit_from_events_recovers_the_generators_parameters() {
     // The generator's buyers follow BG/NBD and Gamma-Gamma with the CDNOW parameters; replaying
     // the stream and fitting must find them again (within sampling error at ~11k buyers).
     let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.jsonl");
-    let output = run(
-        binary()
-            .args([
-                "generate",
-                "--contacts",
-                "40000",
-                "--days",
-                "365",
-                "--seed",
-                "3",
-                "--output",
-            ])
-            .arg(&events),
-        b"",
-    );
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    let events = generate_file(dir.path(), 40000, 365, 3);
     let output = run(
         binary()
             .args(["fit", "--json", "--time-unit", "weeks", "--events"])

@@ -5,7 +5,9 @@
 //!
 //! 1. **Timers first.** Before an event at time `t` is applied, every timer due at or before
 //!    `t` fires at its exact due time (inactivity: last activity + N; churn risk: the first whole
-//!    second at which the score reaches the threshold, found by bisection on a monotone score).
+//!    second at which the score reaches the threshold, searched on a score that rises
+//!    monotonically while nothing happens, and cached per contact until purchases or the stage
+//!    change).
 //!    Because due times are exact, calling [`Engine::advance_to`] often or rarely gives the same
 //!    output: `advance_to(a); advance_to(b)` equals `advance_to(b)`.
 //! 2. **Duplicates** (an `event_id` among the contact's recent ones) change nothing.
@@ -177,7 +179,7 @@ impl Engine {
             due = due.max(state.last_activity_at.plus_millis(inactive));
         }
         if let Some(threshold) = rule.conditions.min_churn_risk {
-            // One evaluation rules out the common case before bisecting.
+            // One evaluation rules out the common case before searching.
             if !self
                 .scorer
                 .purchase_risk(state, until)
@@ -353,17 +355,7 @@ impl Engine {
                 .forward_target(state, state.stage, now, event, &mut risk)
                 .unwrap_or((state.stage, self.model.first_seen.clone()));
             let skipped = self.model.between(None, self.model.rank(to).unwrap_or(0));
-            emit(
-                self,
-                state,
-                &mut risk,
-                Move {
-                    to,
-                    reason,
-                    skipped,
-                    reactivated: false,
-                },
-            );
+            emit(self, state, &mut risk, Move::new(to, reason, skipped, false));
         } else if self.model.is_lost(state.stage) {
             let lost = self.model.stage(state.stage);
             if event.is_some_and(|event| lost.reactivate_on.iter().any(|matcher| matcher.matches(event))) {
@@ -377,17 +369,7 @@ impl Engine {
                         .model
                         .between(self.model.rank(home), self.model.rank(to).unwrap_or(0));
                     let reason = self.model.reactivated.clone();
-                    emit(
-                        self,
-                        state,
-                        &mut risk,
-                        Move {
-                            to,
-                            reason,
-                            skipped,
-                            reactivated: true,
-                        },
-                    );
+                    emit(self, state, &mut risk, Move::new(to, reason, skipped, true));
                 }
                 return out.len() > emitted_before;
             }
@@ -395,30 +377,10 @@ impl Engine {
             let skipped = self
                 .model
                 .between(self.model.rank(state.stage), self.model.rank(to).unwrap_or(0));
-            emit(
-                self,
-                state,
-                &mut risk,
-                Move {
-                    to,
-                    reason,
-                    skipped,
-                    reactivated: false,
-                },
-            );
+            emit(self, state, &mut risk, Move::new(to, reason, skipped, false));
         }
         if let Some((to, reason)) = self.lost_target(state, state.stage, now, event, &mut risk) {
-            emit(
-                self,
-                state,
-                &mut risk,
-                Move {
-                    to,
-                    reason,
-                    skipped: Vec::new(),
-                    reactivated: false,
-                },
-            );
+            emit(self, state, &mut risk, Move::new(to, reason, Vec::new(), false));
         }
         out.len() > emitted_before
     }
@@ -581,6 +543,17 @@ struct Move {
     reason: Arc<str>,
     skipped: Vec<StageId>,
     reactivated: bool,
+}
+
+impl Move {
+    fn new(to: StageId, reason: Arc<str>, skipped: Vec<StageId>, reactivated: bool) -> Self {
+        Move {
+            to,
+            reason,
+            skipped,
+            reactivated,
+        }
+    }
 }
 
 /// The deterministic id of a contact's `seq`-th stage change: the first 128 bits of SHA-256
