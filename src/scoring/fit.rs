@@ -422,6 +422,23 @@ impl CompensatedSum {
 struct BgObjective<'a> {
     kind: ModelKind,
     data: &'a Dataset,
+    /// Threads an evaluation may use.
+    threads: usize,
+    /// Distinct rows from which an evaluation is split across threads.
+    parallel_rows: usize,
+}
+
+impl<'a> BgObjective<'a> {
+    fn new(kind: ModelKind, data: &'a Dataset) -> Self {
+        BgObjective {
+            kind,
+            data,
+            threads: std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(MAX_FIT_THREADS),
+            parallel_rows: PARALLEL_ROWS,
+        }
+    }
 }
 
 fn params_from_log(kind: ModelKind, log_params: &[f64]) -> Model {
@@ -446,12 +463,81 @@ impl BgObjective<'_> {
     /// x = 0 rows.
     fn total(&self, model: &Model, gradient: &mut [f64; 4]) -> f64 {
         let terms = ParamTerms::new(model);
-        let BgParams { r, alpha, a, .. } = terms.params();
         let data = self.data;
         let shifted: Vec<(f64, f64)> = data.times.iter().map(|&t| terms.time_terms(t)).collect();
+        // Large data sets are split into contiguous runs of groups of about equal row counts,
+        // one per core, and the partial sums combined in a fixed order; below the threshold
+        // thread start-up costs more than it saves.
+        let threads = self.threads;
+        let rows = data.weight.len();
+        let chunks: Vec<Vec<(f64, usize, usize)>> = if threads > 1 && rows >= self.parallel_rows {
+            // Cut the row ranges (not just the groups: the x = 0 group alone is often most of
+            // the rows) into `threads` pieces of about equal size.
+            let per_thread = rows.div_ceil(threads);
+            let mut chunks = vec![Vec::new()];
+            let mut filled = 0;
+            for &(x, start, end, _) in &data.groups {
+                let mut from = start;
+                while from < end {
+                    let take = (end - from).min(per_thread - filled);
+                    if let Some(chunk) = chunks.last_mut() {
+                        chunk.push((x, from, from + take));
+                    }
+                    from += take;
+                    filled += take;
+                    if filled == per_thread {
+                        chunks.push(Vec::new());
+                        filled = 0;
+                    }
+                }
+            }
+            chunks.retain(|chunk| !chunk.is_empty());
+            chunks
+        } else {
+            vec![data.groups.iter().map(|&(x, start, end, _)| (x, start, end)).collect()]
+        };
+        let partials: Vec<(CompensatedSum, [f64; 4])> = if chunks.len() == 1 {
+            chunks
+                .iter()
+                .map(|ranges| self.partial(&terms, &shifted, ranges))
+                .collect()
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunks
+                    .iter()
+                    .map(|ranges| scope.spawn(|| self.partial(&terms, &shifted, ranges)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|handle| handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                    .collect()
+            })
+        };
         let mut total = CompensatedSum::default();
         *gradient = [0.0; 4];
-        for &(x, start, end, group_weight) in &data.groups {
+        for (sum, partial_gradient) in partials {
+            total.add(sum.sum);
+            total.compensation += sum.compensation;
+            for (slot, value) in gradient.iter_mut().zip(partial_gradient) {
+                *slot += value;
+            }
+        }
+        total.total()
+    }
+
+    /// The log-likelihood and gradient terms of some row ranges, each of one x (every term is
+    /// linear in the rows' weights, so any split of a group's rows adds up to the whole).
+    fn partial(
+        &self,
+        terms: &ParamTerms,
+        shifted: &[(f64, f64)],
+        ranges: &[(f64, usize, usize)],
+    ) -> (CompensatedSum, [f64; 4]) {
+        let BgParams { r, alpha, a, .. } = terms.params();
+        let data = self.data;
+        let mut total = CompensatedSum::default();
+        let mut gradient = [0.0; 4];
+        for &(x, start, end) in ranges {
             let count = terms.count_terms(x);
             let rx = r + x;
             // Σ w ln(α+T), Σ w/(α+T), and for the drop-out term Σ w σ(D), Σ w σ(D) Δln, Σ w σ(D) Δinv.
@@ -463,6 +549,7 @@ impl BgObjective<'_> {
                 &data.t_x_index[rows.clone()],
                 &data.weight[rows],
             );
+            let group_weight: f64 = weight.iter().sum();
             if count.has_dropout_term {
                 for ((&it, &itx), &w) in t_index.iter().zip(t_x_index).zip(weight) {
                     let (ln_t, inv_t) = shifted[it as usize];
@@ -491,9 +578,15 @@ impl BgObjective<'_> {
             gradient[2] += group_weight * count.d_a + sum_weight_dropout / a;
             gradient[3] += group_weight * count.d_b - sum_weight_dropout * count.inv_b_denominator;
         }
-        total.total()
+        (total, gradient)
     }
 }
+
+/// Most threads one objective evaluation uses.
+const MAX_FIT_THREADS: usize = 8;
+
+/// Distinct rows from which an evaluation is split across threads.
+const PARALLEL_ROWS: usize = 100_000;
 
 impl Objective for BgObjective<'_> {
     fn dimension(&self) -> usize {
@@ -546,7 +639,7 @@ pub fn fit(kind: ModelKind, data: &[WeightedRfm]) -> Result<FitReport, FitError>
         [2.0, 4.0 * alpha_start, 2.0, 4.0],
     ]
     .map(|start| start.iter().map(|value| value.ln()).collect::<Vec<f64>>());
-    let objective = BgObjective { kind, data: &dataset };
+    let objective = BgObjective::new(kind, &dataset);
     let minimum = minimize(&objective, &starts)?;
     let model = params_from_log(kind, &minimum.log_params);
     Ok(FitReport {
@@ -621,7 +714,7 @@ mod tests {
         for kind in [ModelKind::BgNbd, ModelKind::MbgNbd] {
             let rows = compress(simulate(kind, params, 3000, 3));
             let dataset = Dataset::new(&rows).expect("dataset");
-            let objective = BgObjective { kind, data: &dataset };
+            let objective = BgObjective::new(kind, &dataset);
             let model = Model { kind, params };
             let mut gradient = [0.0; 4];
             let total = objective.total(&model, &mut gradient);
