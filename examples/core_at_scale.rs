@@ -16,6 +16,7 @@ use lifecycle_scorer::codec::parse_time_argument;
 use lifecycle_scorer::config::Config;
 use lifecycle_scorer::domain::ContactEvent;
 use lifecycle_scorer::generate::{generate, GenerateOptions};
+use lifecycle_scorer::process_stats::resident_bytes;
 use lifecycle_scorer::processor::Processor;
 use lifecycle_scorer::state::new_shard;
 
@@ -81,23 +82,13 @@ impl Write for Feeder {
     }
 }
 
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|line| line.starts_with(field))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0)
-}
-
 fn main() -> io::Result<()> {
     let contacts: u64 = std::env::args()
         .nth(1)
         .and_then(|arg| arg.parse().ok())
         .unwrap_or(7_100_000);
     let config = Config::builtin().map_err(io::Error::other)?;
-    let baseline_kib = status_kib("VmRSS:");
+    let baseline_kib = resident_bytes().unwrap_or(0) / 1024;
     let shard = Arc::new(new_shard((contacts as usize) * 3 / 2));
     let mut feeder = Feeder {
         processor: Processor::new(Arc::new(config.engine), shard, config.processing),
@@ -120,7 +111,7 @@ fn main() -> io::Result<()> {
     let keys = feeder.processor.shard().len() as u64;
     drop(std::mem::take(&mut feeder.events));
     drop(std::mem::take(&mut feeder.pending));
-    let rss_kib = status_kib("VmRSS:");
+    let rss_kib = resident_bytes().unwrap_or(0) / 1024;
     let report = serde_json::json!({
         "generated_contacts": contacts,
         "contact_keys": keys,

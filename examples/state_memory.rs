@@ -16,18 +16,9 @@ use lifecycle_scorer::config::Config;
 use lifecycle_scorer::domain::{
     Click, ClickType, ContactEvent, EventBody, Purchase, PurchaseStatus, Timestamp, MILLIS_PER_DAY,
 };
+use lifecycle_scorer::process_stats::{peak_resident_bytes, resident_bytes};
 use lifecycle_scorer::processor::Processor;
 use lifecycle_scorer::state::new_shard;
-
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|line| line.starts_with(field))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0)
-}
 
 fn click(index: u64, id: u64, kind: ClickType, at: Timestamp, anonymous: bool) -> ContactEvent {
     let key = format_compact!("c{id:010}");
@@ -83,7 +74,7 @@ fn main() {
         .and_then(|arg| arg.parse().ok())
         .unwrap_or(10_000_000);
     let config = Config::builtin().expect("default config");
-    let baseline_kib = status_kib("VmRSS:");
+    let baseline_kib = resident_bytes().unwrap_or(0) / 1024;
     let shard = Arc::new(new_shard(contacts as usize));
     let mut processor = Processor::new(Arc::new(config.engine), shard, config.processing);
     let start = Timestamp::from_millis(1_735_689_600_000); // 2025-01-01
@@ -110,8 +101,8 @@ fn main() {
         events += chunk.len() as u64;
     }
     drop(chunk);
-    let rss_kib = status_kib("VmRSS:");
-    let peak_kib = status_kib("VmHWM:");
+    let rss_kib = resident_bytes().unwrap_or(0) / 1024;
+    let peak_kib = peak_resident_bytes().unwrap_or(0) / 1024;
     let report = serde_json::json!({
         "contacts": contacts,
         "events": events,

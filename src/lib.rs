@@ -24,6 +24,7 @@
 //! - [`codec`]: JSON lines <-> domain (Avro joins with the Kafka service).
 //! - [`state`]: the per-partition shard type.
 //! - [`replay`], [`generate`], [`fit_command`]: the broker-free commands.
+//! - [`process_stats`]: the process's memory figures for benchmark reports.
 //!
 //! `domain`, `lifecycle`, `scoring` and `processor` never import tokio, rdkafka, Avro or a
 //! metrics crate, and never read the clock: the time is always an argument.
@@ -34,6 +35,7 @@ pub mod domain;
 pub mod fit_command;
 pub mod generate;
 pub mod lifecycle;
+pub mod process_stats;
 pub mod processor;
 pub mod replay;
 pub mod scoring;

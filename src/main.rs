@@ -16,6 +16,7 @@ use lifecycle_scorer::config::{Config, ConfigError};
 use lifecycle_scorer::domain::Timestamp;
 use lifecycle_scorer::fit_command::{fit_rows, read_summary, spend_rows_from_state, statistics_from_state};
 use lifecycle_scorer::generate::{generate, GenerateOptions};
+use lifecycle_scorer::process_stats::peak_resident_bytes;
 use lifecycle_scorer::replay::{replay, write_state, ReplayOptions};
 use lifecycle_scorer::scoring::gamma_gamma::fit_gamma_gamma;
 use lifecycle_scorer::scoring::{ModelKind, TimeUnit};
@@ -168,14 +169,6 @@ fn create_output(path: &Path) -> anyhow::Result<BufWriter<File>> {
     Ok(BufWriter::with_capacity(1 << 20, file))
 }
 
-/// Peak resident set size of this process in bytes, where the platform reports it.
-fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    let kilobytes: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kilobytes * 1024)
-}
-
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Replay {
@@ -213,7 +206,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 "summary": summary,
                 "elapsed_seconds": elapsed,
                 "events_per_second": summary.lines as f64 / elapsed.max(1e-9),
-                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_rss_bytes": peak_resident_bytes(),
             });
             writeln!(errors, "{}", serde_json::to_string_pretty(&report)?)?;
             Ok(ExitCode::SUCCESS)
