@@ -1,5 +1,5 @@
 //! Criterion benches of the pure core on fixed inputs: applying events (engine + processor),
-//! churn scoring, JSON decoding, and shard routing.
+//! churn scoring, JSON and Avro decoding, and shard routing.
 //!
 //! The event stream comes from `generate` with a fixed seed, decoded once up front, so the
 //! apply bench measures the decode-free core.
@@ -8,10 +8,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use lifecycle_scorer::codec::avro::{schema_file, SchemaStore};
 use lifecycle_scorer::codec::json::decode_event;
 use lifecycle_scorer::codec::parse_time_argument;
 use lifecycle_scorer::config::Config;
-use lifecycle_scorer::domain::{ContactEvent, ContactKey, MILLIS_PER_DAY};
+use lifecycle_scorer::domain::{ContactEvent, ContactKey, Source, MILLIS_PER_DAY};
 use lifecycle_scorer::generate::{generate, GenerateOptions};
 use lifecycle_scorer::processor::Processor;
 use lifecycle_scorer::state::new_shard;
@@ -35,6 +36,25 @@ fn stream(contacts: u64) -> (Vec<Vec<u8>>, Vec<ContactEvent>) {
         .map(|line| decode_event(line).expect("generated lines decode"))
         .collect();
     (lines, events)
+}
+
+fn schema_id(source: Source) -> u32 {
+    match source {
+        Source::Clickstream => 1,
+        Source::AdConversion => 2,
+        Source::Purchase => 3,
+    }
+}
+
+fn schema_store() -> SchemaStore {
+    let mut store = SchemaStore::new();
+    for source in Source::ALL {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas")
+            .join(schema_file(source));
+        store.insert_file(schema_id(source), &path).expect("shipped schema");
+    }
+    store
 }
 
 fn bench_apply(c: &mut Criterion) {
@@ -64,6 +84,38 @@ fn bench_apply(c: &mut Criterion) {
                 black_box(decode_event(black_box(line)).ok());
             }
         });
+    });
+    // The Kafka wire format: Confluent-framed Avro with the shipped schemas.
+    let store = schema_store();
+    let records: Vec<(Source, Vec<u8>)> = events
+        .iter()
+        .map(|event| {
+            let source = event.source();
+            (source, store.encode(schema_id(source), event).expect("encode"))
+        })
+        .collect();
+    group.bench_function("decode_avro", |b| {
+        b.iter(|| {
+            for (source, record) in &records {
+                black_box(store.decode(*source, black_box(record)).ok());
+            }
+        });
+    });
+    group.bench_function("decode_avro_and_process", |b| {
+        b.iter_batched(
+            || Processor::new(engine.clone(), Arc::new(new_shard(25_000)), config.processing),
+            |mut processor| {
+                let mut out = Vec::with_capacity(64);
+                for (source, record) in &records {
+                    if let Ok(event) = store.decode(*source, record) {
+                        processor.process(&event, &mut out);
+                    }
+                    out.clear();
+                }
+                processor
+            },
+            BatchSize::LargeInput,
+        );
     });
     group.finish();
 }

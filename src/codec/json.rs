@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{format_timestamp, parse_timestamp, DecodeError};
 use crate::domain::{
     AdConversion, Click, ClickType, ContactEvent, EventBody, Platform, Purchase, PurchaseStatus, Source, StageChange,
-    Trigger,
+    Timestamp, Trigger,
 };
 use crate::lifecycle::StageModel;
 
@@ -48,58 +48,58 @@ pub mod field {
 /// The wire shape of an input line: every field optional so that a missing one is reported by
 /// name rather than as a generic serde error.
 #[derive(Debug, Default, Deserialize, Serialize)]
-struct WireEvent<'a> {
+pub(crate) struct WireEvent<'a> {
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    source: Option<Cow<'a, str>>,
+    pub(crate) source: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    event_id: Option<Cow<'a, str>>,
+    pub(crate) event_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
-    contact_id: Option<Cow<'a, str>>,
+    pub(crate) contact_id: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    anonymous_id: Option<Cow<'a, str>>,
+    pub(crate) anonymous_id: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    occurred_at: Option<Cow<'a, str>>,
+    pub(crate) occurred_at: Option<Cow<'a, str>>,
     // clickstream
     #[serde(rename = "type", borrow, default, skip_serializing_if = "Option::is_none")]
-    kind: Option<Cow<'a, str>>,
+    pub(crate) kind: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    url: Option<Cow<'a, str>>,
+    pub(crate) url: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    user_agent: Option<Cow<'a, str>>,
+    pub(crate) user_agent: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    ip: Option<Cow<'a, str>>,
+    pub(crate) ip: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    email: Option<Cow<'a, str>>,
+    pub(crate) email: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    phone: Option<Cow<'a, str>>,
+    pub(crate) phone: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    fbc: Option<Cow<'a, str>>,
+    pub(crate) fbc: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    fbp: Option<Cow<'a, str>>,
+    pub(crate) fbp: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    ttclid: Option<Cow<'a, str>>,
+    pub(crate) ttclid: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    campaign_id: Option<Cow<'a, str>>,
+    pub(crate) campaign_id: Option<Cow<'a, str>>,
     // ad_conversion
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    platform: Option<Cow<'a, str>>,
+    pub(crate) platform: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    event_name: Option<Cow<'a, str>>,
+    pub(crate) event_name: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    ad_id: Option<Cow<'a, str>>,
+    pub(crate) ad_id: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    click_id: Option<Cow<'a, str>>,
+    pub(crate) click_id: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    value: Option<f64>,
+    pub(crate) value: Option<f64>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    currency: Option<Cow<'a, str>>,
+    pub(crate) currency: Option<Cow<'a, str>>,
     // purchase
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    order_id: Option<Cow<'a, str>>,
+    pub(crate) order_id: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    amount: Option<f64>,
+    pub(crate) amount: Option<f64>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    status: Option<Cow<'a, str>>,
+    pub(crate) status: Option<Cow<'a, str>>,
 }
 
 fn required<'a>(value: Option<Cow<'a, str>>, name: &'static str) -> Result<Cow<'a, str>, DecodeError> {
@@ -145,15 +145,25 @@ pub fn decode_event(line: &[u8]) -> Result<ContactEvent, DecodeError> {
     from_wire(wire)
 }
 
-fn from_wire(wire: WireEvent<'_>) -> Result<ContactEvent, DecodeError> {
-    let source = symbol(wire.source, field::SOURCE, Source::parse)?;
-    let event_id = CompactString::from(required(wire.event_id, field::EVENT_ID)?.as_ref());
-    let occurred_at = parse_timestamp(&required(wire.occurred_at, field::OCCURRED_AT)?).map_err(|reason| {
+fn from_wire(mut wire: WireEvent<'_>) -> Result<ContactEvent, DecodeError> {
+    let source = symbol(wire.source.take(), field::SOURCE, Source::parse)?;
+    let occurred_at = parse_timestamp(&required(wire.occurred_at.take(), field::OCCURRED_AT)?).map_err(|reason| {
         DecodeError::InvalidField {
             field: field::OCCURRED_AT,
             reason,
         }
     })?;
+    build_event(wire, source, occurred_at)
+}
+
+/// Validates the fields of a decoded record (JSON or Avro) into an event of `source` that
+/// happened at `occurred_at`; `wire.source` and `wire.occurred_at` are not read.
+pub(crate) fn build_event(
+    wire: WireEvent<'_>,
+    source: Source,
+    occurred_at: Timestamp,
+) -> Result<ContactEvent, DecodeError> {
+    let event_id = CompactString::from(required(wire.event_id, field::EVENT_ID)?.as_ref());
     let contact_id = compact(wire.contact_id);
     let anonymous_id = compact(wire.anonymous_id);
     if contact_id.is_none() && (source != Source::Clickstream || anonymous_id.is_none()) {

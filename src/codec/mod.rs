@@ -1,8 +1,11 @@
 //! Wire formats <-> domain types, both directions.
 //!
-//! `json` holds the JSON-lines contract used by `replay` and by JSON input topics. Wire types
-//! never leave this module: everything past it sees only `crate::domain`.
+//! `json` holds the JSON-lines contract used by `replay` and by JSON input topics; `avro` the
+//! Confluent-framed Avro records of the Kafka topics (`schemas/*.avsc`). Both validate through
+//! the same function, so a record means the same in either format. Wire types never leave this
+//! module: everything past it sees only `crate::domain`.
 
+pub mod avro;
 pub mod json;
 
 use time::format_description::well_known::Rfc3339;
@@ -31,6 +34,15 @@ pub enum DecodeError {
         /// The value seen (truncated).
         value: String,
     },
+    /// Not a Confluent-framed record: too short, or a magic byte other than 0.
+    #[error("not Confluent wire format: {0}")]
+    Framing(String),
+    /// The schema id in the frame is not known.
+    #[error("unknown schema id {0}")]
+    UnknownSchema(u32),
+    /// The Avro body does not decode with the writer's schema (truncated, wrong types, ...).
+    #[error("invalid Avro: {0}")]
+    Avro(String),
     /// A field is present but its value is not acceptable.
     #[error("field `{field}`: {reason}")]
     InvalidField {
@@ -50,6 +62,9 @@ impl DecodeError {
             DecodeError::MissingField(_) => "missing_field",
             DecodeError::UnknownSymbol { .. } => "unknown_symbol",
             DecodeError::InvalidField { .. } => "invalid_field",
+            DecodeError::Framing(_) => "bad_framing",
+            DecodeError::UnknownSchema(_) => "unknown_schema_id",
+            DecodeError::Avro(_) => "invalid_avro",
         }
     }
 }
