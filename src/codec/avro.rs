@@ -189,7 +189,7 @@ enum Scalar {
     /// Absent or null.
     #[default]
     Null,
-    /// A string or an enum symbol.
+    /// A string or an enum symbol (moved, not copied: the Avro reader hands strings over owned).
     Text(String),
     /// An int, long or timestamp.
     Long(i64),
@@ -277,62 +277,61 @@ impl<'de> Deserialize<'de> for Symbol {
 /// resolution (see the module docs). Read as a map, because the derived struct reader would
 /// insist that the Rust type's name equal the Avro record's.
 #[derive(Debug, Default)]
-struct AvroWire {
-    event_id: Scalar,
-    contact_id: Scalar,
-    anonymous_id: Scalar,
-    occurred_at: Scalar,
-    kind: Scalar,
-    url: Scalar,
-    user_agent: Scalar,
-    ip: Scalar,
-    email: Scalar,
-    phone: Scalar,
-    fbc: Scalar,
-    fbp: Scalar,
-    ttclid: Scalar,
-    campaign_id: Scalar,
-    platform: Scalar,
-    event_name: Scalar,
-    ad_id: Scalar,
-    click_id: Scalar,
-    value: Scalar,
-    currency: Scalar,
-    order_id: Scalar,
-    amount: Scalar,
-    status: Scalar,
-}
+struct AvroWire([Scalar; FIELD_COUNT]);
 
-impl AvroWire {
-    /// The slot of a field name, `None` for fields this version does not know.
-    fn slot(&mut self, name: &str) -> Option<&mut Scalar> {
-        Some(match name {
-            "event_id" => &mut self.event_id,
-            "contact_id" => &mut self.contact_id,
-            "anonymous_id" => &mut self.anonymous_id,
-            "occurred_at" => &mut self.occurred_at,
-            "type" => &mut self.kind,
-            "url" => &mut self.url,
-            "user_agent" => &mut self.user_agent,
-            "ip" => &mut self.ip,
-            "email" => &mut self.email,
-            "phone" => &mut self.phone,
-            "fbc" => &mut self.fbc,
-            "fbp" => &mut self.fbp,
-            "ttclid" => &mut self.ttclid,
-            "campaign_id" => &mut self.campaign_id,
-            "platform" => &mut self.platform,
-            "event_name" => &mut self.event_name,
-            "ad_id" => &mut self.ad_id,
-            "click_id" => &mut self.click_id,
-            "value" => &mut self.value,
-            "currency" => &mut self.currency,
-            "order_id" => &mut self.order_id,
-            "amount" => &mut self.amount,
-            "status" => &mut self.status,
-            _ => return None,
-        })
-    }
+const FIELD_COUNT: usize = 23;
+const EVENT_ID: usize = 0;
+const CONTACT_ID: usize = 1;
+const ANONYMOUS_ID: usize = 2;
+const OCCURRED_AT: usize = 3;
+const TYPE: usize = 4;
+const URL: usize = 5;
+const USER_AGENT: usize = 6;
+const IP: usize = 7;
+const EMAIL: usize = 8;
+const PHONE: usize = 9;
+const FBC: usize = 10;
+const FBP: usize = 11;
+const TTCLID: usize = 12;
+const CAMPAIGN_ID: usize = 13;
+const PLATFORM: usize = 14;
+const EVENT_NAME: usize = 15;
+const AD_ID: usize = 16;
+const CLICK_ID: usize = 17;
+const VALUE: usize = 18;
+const CURRENCY: usize = 19;
+const ORDER_ID: usize = 20;
+const AMOUNT: usize = 21;
+const STATUS: usize = 22;
+
+/// The slot of a record field, `None` for fields this version does not know.
+fn field_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "event_id" => EVENT_ID,
+        "contact_id" => CONTACT_ID,
+        "anonymous_id" => ANONYMOUS_ID,
+        "occurred_at" => OCCURRED_AT,
+        "type" => TYPE,
+        "url" => URL,
+        "user_agent" => USER_AGENT,
+        "ip" => IP,
+        "email" => EMAIL,
+        "phone" => PHONE,
+        "fbc" => FBC,
+        "fbp" => FBP,
+        "ttclid" => TTCLID,
+        "campaign_id" => CAMPAIGN_ID,
+        "platform" => PLATFORM,
+        "event_name" => EVENT_NAME,
+        "ad_id" => AD_ID,
+        "click_id" => CLICK_ID,
+        "value" => VALUE,
+        "currency" => CURRENCY,
+        "order_id" => ORDER_ID,
+        "amount" => AMOUNT,
+        "status" => STATUS,
+        _ => return None,
+    })
 }
 
 impl<'de> Deserialize<'de> for AvroWire {
@@ -343,35 +342,8 @@ impl<'de> Deserialize<'de> for AvroWire {
 
 struct WireVisitor;
 
-/// Every field name [`AvroWire`] knows.
-const FIELD_NAMES: [&str; 23] = [
-    "event_id",
-    "contact_id",
-    "anonymous_id",
-    "occurred_at",
-    "type",
-    "url",
-    "user_agent",
-    "ip",
-    "email",
-    "phone",
-    "fbc",
-    "fbp",
-    "ttclid",
-    "campaign_id",
-    "platform",
-    "event_name",
-    "ad_id",
-    "click_id",
-    "value",
-    "currency",
-    "order_id",
-    "amount",
-    "status",
-];
-
-/// A record field's name as one of [`FIELD_NAMES`] (no allocation), `None` when unknown.
-struct FieldName(Option<&'static str>);
+/// A record field's slot in [`AvroWire`] (no allocation), `None` when unknown.
+struct FieldName(Option<usize>);
 
 impl<'de> Deserialize<'de> for FieldName {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -384,7 +356,7 @@ impl<'de> Deserialize<'de> for FieldName {
             }
 
             fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<FieldName, E> {
-                Ok(FieldName(FIELD_NAMES.iter().copied().find(|known| *known == name)))
+                Ok(FieldName(field_index(name)))
             }
         }
         deserializer.deserialize_identifier(NameVisitor)
@@ -400,9 +372,9 @@ impl<'de> serde::de::Visitor<'de> for WireVisitor {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<AvroWire, A::Error> {
         let mut wire = AvroWire::default();
-        while let Some(FieldName(name)) = map.next_key::<FieldName>()? {
-            match name.and_then(|name| wire.slot(name)) {
-                Some(slot) => *slot = map.next_value()?,
+        while let Some(FieldName(index)) = map.next_key::<FieldName>()? {
+            match index {
+                Some(index) => wire.0[index] = map.next_value()?,
                 None => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -438,11 +410,11 @@ fn number(value: Scalar, name: &'static str) -> Result<Option<f64>, DecodeError>
 }
 
 impl AvroWire {
-    fn into_event(self, source: Source) -> Result<ContactEvent, DecodeError> {
-        let millis = match self.occurred_at {
+    fn into_event(mut self, source: Source) -> Result<ContactEvent, DecodeError> {
+        let millis = match self.0[OCCURRED_AT] {
             Scalar::Long(millis) => millis,
             Scalar::Null => return Err(DecodeError::MissingField(field::OCCURRED_AT)),
-            other => {
+            ref other => {
                 return Err(DecodeError::InvalidField {
                     field: field::OCCURRED_AT,
                     reason: format!("expected timestamp-millis, got {other:?}"),
@@ -456,31 +428,32 @@ impl AvroWire {
                 reason: format!("{millis} ms is outside the accepted range 1970-01-01 to 2200-01-01"),
             });
         }
+        let mut take = |index: usize| std::mem::take(&mut self.0[index]);
         let wire = WireEvent {
             source: None,
-            event_id: text(self.event_id, field::EVENT_ID)?,
-            contact_id: text(self.contact_id, field::CONTACT_ID)?,
-            anonymous_id: text(self.anonymous_id, "anonymous_id")?,
+            event_id: text(take(EVENT_ID), field::EVENT_ID)?,
+            contact_id: text(take(CONTACT_ID), field::CONTACT_ID)?,
+            anonymous_id: text(take(ANONYMOUS_ID), "anonymous_id")?,
             occurred_at: None,
-            kind: text(self.kind, field::TYPE)?,
-            url: text(self.url, "url")?,
-            user_agent: text(self.user_agent, "user_agent")?,
-            ip: text(self.ip, "ip")?,
-            email: text(self.email, "email")?,
-            phone: text(self.phone, "phone")?,
-            fbc: text(self.fbc, "fbc")?,
-            fbp: text(self.fbp, "fbp")?,
-            ttclid: text(self.ttclid, "ttclid")?,
-            campaign_id: text(self.campaign_id, "campaign_id")?,
-            platform: text(self.platform, field::PLATFORM)?,
-            event_name: text(self.event_name, field::EVENT_NAME)?,
-            ad_id: text(self.ad_id, "ad_id")?,
-            click_id: text(self.click_id, "click_id")?,
-            value: number(self.value, field::VALUE)?,
-            currency: text(self.currency, field::CURRENCY)?,
-            order_id: text(self.order_id, field::ORDER_ID)?,
-            amount: number(self.amount, field::AMOUNT)?,
-            status: text(self.status, field::STATUS)?,
+            kind: text(take(TYPE), field::TYPE)?,
+            url: text(take(URL), "url")?,
+            user_agent: text(take(USER_AGENT), "user_agent")?,
+            ip: text(take(IP), "ip")?,
+            email: text(take(EMAIL), "email")?,
+            phone: text(take(PHONE), "phone")?,
+            fbc: text(take(FBC), "fbc")?,
+            fbp: text(take(FBP), "fbp")?,
+            ttclid: text(take(TTCLID), "ttclid")?,
+            campaign_id: text(take(CAMPAIGN_ID), "campaign_id")?,
+            platform: text(take(PLATFORM), field::PLATFORM)?,
+            event_name: text(take(EVENT_NAME), field::EVENT_NAME)?,
+            ad_id: text(take(AD_ID), "ad_id")?,
+            click_id: text(take(CLICK_ID), "click_id")?,
+            value: number(take(VALUE), field::VALUE)?,
+            currency: text(take(CURRENCY), field::CURRENCY)?,
+            order_id: text(take(ORDER_ID), field::ORDER_ID)?,
+            amount: number(take(AMOUNT), field::AMOUNT)?,
+            status: text(take(STATUS), field::STATUS)?,
         };
         build_event(wire, source, occurred_at)
     }
