@@ -1,9 +1,10 @@
 //! Confluent-framed Avro <-> domain events: the wire format of the Kafka input topics.
 //!
 //! A record is `0x00`, a 4-byte big-endian schema id, then the Avro binary body written with
-//! that schema. The schema id is looked up in a [`SchemaStore`] (the shipped `schemas/*.avsc`
-//! under configured ids, or schemas fetched from a registry), and the body is decoded with the
-//! writer's schema straight into a tolerant serde struct, without building an Avro `Value`.
+//! that schema. The schema id is looked up in a [`SchemaStore`] (filled with the shipped
+//! `schemas/*.avsc` under configured ids; the schema-registry client of the Kafka service adds
+//! fetched schemas the same way), and the body is decoded with the writer's schema straight
+//! into a tolerant field map, without building an Avro `Value`.
 //!
 //! Schema evolution: apache-avro 0.22's direct serde reader cannot apply a reader schema yet
 //! (`GenericDatumReader::read_deser` panics when one is set), so resolution is done by serde's
