@@ -17,6 +17,7 @@
 //! # Layout
 //!
 //! - [`domain`]: events, contact state, stage changes. Plain data.
+//! - [`attribution`]: Meta / TikTok shaped conversion records from events (pure).
 //! - [`lifecycle`]: the stage model and the engine that applies events and timers (pure).
 //! - [`scoring`]: BG/NBD, modified BG/NBD, Gamma-Gamma, maximum-likelihood fitting (pure).
 //! - [`processor`]: one partition's work: state lookup, engine, timer wheel (pure).
@@ -29,6 +30,7 @@
 //! `domain`, `lifecycle`, `scoring` and `processor` never import tokio, rdkafka, Avro or a
 //! metrics crate, and never read the clock: the time is always an argument.
 
+pub mod attribution;
 pub mod codec;
 pub mod config;
 pub mod domain;
