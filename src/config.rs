@@ -111,6 +111,7 @@ struct RawEngagement {
 #[serde(deny_unknown_fields)]
 struct RawProcessing {
     late_event_grace_hours: f64,
+    reorder_window_seconds: f64,
     timer_sweep_minutes: f64,
 }
 
@@ -155,6 +156,8 @@ struct RawWithin {
 pub struct Processing {
     /// How often timers are swept over every contact, in milliseconds of event time.
     pub timer_sweep_millis: i64,
+    /// Event-time reordering window, in milliseconds (see `crate::reorder`).
+    pub reorder_window_millis: i64,
 }
 
 /// A validated configuration.
@@ -350,11 +353,19 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
     problems.positive("scoring.recency_half_life_days", scoring.recency_half_life_days);
     problems.positive("engagement.half_life_days", raw.engagement.half_life_days);
     problems.positive("processing.timer_sweep_minutes", raw.processing.timer_sweep_minutes);
-    if !(raw.processing.late_event_grace_hours.is_finite() && raw.processing.late_event_grace_hours >= 0.0) {
-        problems.push(
+    for (name, value) in [
+        (
             "processing.late_event_grace_hours",
-            format!("must be zero or more, got {}", raw.processing.late_event_grace_hours),
-        );
+            raw.processing.late_event_grace_hours,
+        ),
+        (
+            "processing.reorder_window_seconds",
+            raw.processing.reorder_window_seconds,
+        ),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            problems.push(name, format!("must be zero or more, got {value}"));
+        }
     }
 
     let mut weights = Vec::new();
@@ -593,6 +604,7 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
         engine: Engine::new(model, scorer),
         processing: Processing {
             timer_sweep_millis: days_to_millis(raw.processing.timer_sweep_minutes / (24.0 * 60.0)).max(1),
+            reorder_window_millis: days_to_millis(raw.processing.reorder_window_seconds / 86_400.0),
         },
         warnings: warnings.0,
     })
@@ -683,9 +695,11 @@ min_churn_risk = 1.5
             .unwrap_err()
             .to_string();
         assert!(error.contains("horizon"), "{error}");
-        let error = load("[processing]\nlate_event_grace_hours = \"soon\"\ntimer_sweep_minutes = 1\n")
-            .unwrap_err()
-            .to_string();
+        let error = load(
+            "[processing]\nlate_event_grace_hours = \"soon\"\nreorder_window_seconds = 0\ntimer_sweep_minutes = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("late_event_grace_hours"), "{error}");
     }
 

@@ -21,6 +21,7 @@
 //! - [`lifecycle`]: the stage model and the engine that applies events and timers (pure).
 //! - [`scoring`]: BG/NBD, modified BG/NBD, Gamma-Gamma, maximum-likelihood fitting (pure).
 //! - [`processor`]: one partition's work: state lookup, engine, timer wheel (pure).
+//! - [`reorder`]: event-time reordering in front of the processor (pure).
 //! - [`config`]: TOML + environment -> validated [`config::Config`].
 //! - [`codec`]: JSON lines <-> domain (Avro joins with the Kafka service).
 //! - [`state`]: the per-partition shard type.
@@ -39,6 +40,7 @@ pub mod generate;
 pub mod lifecycle;
 pub mod process_stats;
 pub mod processor;
+pub mod reorder;
 pub mod replay;
 pub mod scoring;
 pub mod state;

@@ -17,6 +17,7 @@ use crate::config::Processing;
 use crate::domain::{ContactKey, ContactState, StageChange, Timestamp};
 use crate::lifecycle::{Engine, StageModel};
 use crate::processor::Processor;
+use crate::reorder::ReorderBuffer;
 use crate::state::new_shard;
 
 /// Options of a replay run.
@@ -69,6 +70,9 @@ pub fn replay(
     let mut processor = Processor::new(engine.clone(), shard, processing);
     let mut summary = ReplaySummary::default();
     let mut out: Vec<StageChange> = Vec::new();
+    // The same event-time ordering as the Kafka service, so both give the same answers.
+    let mut reorder = ReorderBuffer::new(processing.reorder_window_millis);
+    let mut ready = Vec::new();
     let mut error_count = 0u64;
     let mut input = input;
     let mut line = Vec::with_capacity(512);
@@ -87,7 +91,10 @@ pub fn replay(
         match decode_event(text) {
             Ok(event) => {
                 summary.events += 1;
-                processor.process(&event, &mut out);
+                reorder.push(event, &mut ready);
+                for event in ready.drain(..) {
+                    processor.process(&event, &mut out);
+                }
             }
             Err(error) => {
                 *summary.errors.entry(error.reason()).or_default() += 1;
@@ -102,11 +109,15 @@ pub fn replay(
             out.clear();
         }
     }
+    reorder.flush(&mut ready);
+    for event in ready.drain(..) {
+        processor.process(&event, &mut out);
+    }
     if let Some(as_of) = options.as_of {
         processor.advance_to(as_of, &mut out);
-        write_changes(&out, &engine.model, changes)?;
-        out.clear();
     }
+    write_changes(&out, &engine.model, changes)?;
+    out.clear();
     if error_count > options.max_errors_shown as u64 {
         writeln!(
             errors,
