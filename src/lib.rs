@@ -27,6 +27,7 @@
 //! - [`state`]: the per-partition shard type.
 //! - [`replay`], [`generate`], [`fit_command`]: the broker-free commands.
 //! - [`process_stats`]: the process's memory figures for benchmark reports.
+//! - [`partition`]: the Java clients' murmur2 partitioner, for co-partitioned keys.
 //!
 //! `domain`, `lifecycle`, `scoring` and `processor` never import tokio, rdkafka, Avro or a
 //! metrics crate, and never read the clock: the time is always an argument.
@@ -38,6 +39,7 @@ pub mod domain;
 pub mod fit_command;
 pub mod generate;
 pub mod lifecycle;
+pub mod partition;
 pub mod process_stats;
 pub mod processor;
 pub mod reorder;
