@@ -1,0 +1,228 @@
+//! Every metric the service exports: names, help texts and label sets, in one place.
+//!
+//! Label values are bounded: topics, partitions, stage ids and reason codes come from
+//! configuration or fixed sets, never from event data; a contact id is never a label. Queue
+//! depths are exported as pushed/popped counters, not gauges (Vector's convention).
+//! An edge: the core never imports this module; the service records what the core returns.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::domain::StageChange;
+use crate::lifecycle::StageModel;
+
+/// `lifecycle_events_consumed_total{topic, outcome}`.
+pub const EVENTS_CONSUMED: &str = "lifecycle_events_consumed_total";
+/// `lifecycle_decode_errors_total{topic, reason}`.
+pub const DECODE_ERRORS: &str = "lifecycle_decode_errors_total";
+/// `lifecycle_dead_letters_total{topic}`.
+pub const DEAD_LETTERS: &str = "lifecycle_dead_letters_total";
+/// `lifecycle_stage_transitions_total{from, to}`.
+pub const STAGE_TRANSITIONS: &str = "lifecycle_stage_transitions_total";
+/// `lifecycle_contacts{stage}`.
+pub const CONTACTS: &str = "lifecycle_contacts";
+/// `lifecycle_churn_risk` histogram.
+pub const CHURN_RISK: &str = "lifecycle_churn_risk";
+/// `lifecycle_end_to_end_latency_seconds` histogram.
+pub const END_TO_END_LATENCY: &str = "lifecycle_end_to_end_latency_seconds";
+/// `lifecycle_processing_latency_seconds` histogram.
+pub const PROCESSING_LATENCY: &str = "lifecycle_processing_latency_seconds";
+/// `lifecycle_consumer_lag_records{topic, partition}`.
+pub const CONSUMER_LAG: &str = "lifecycle_consumer_lag_records";
+/// `lifecycle_rebalances_total{kind}`.
+pub const REBALANCES: &str = "lifecycle_rebalances_total";
+/// `lifecycle_commit_failures_total`.
+pub const COMMIT_FAILURES: &str = "lifecycle_commit_failures_total";
+/// `lifecycle_state_contacts{partition}`.
+pub const STATE_CONTACTS: &str = "lifecycle_state_contacts";
+
+/// Outcome label values of [`EVENTS_CONSUMED`].
+pub mod outcome {
+    /// Applied by the engine.
+    pub const PROCESSED: &str = "processed";
+    /// Dropped as a duplicate `event_id`.
+    pub const DUPLICATE: &str = "duplicate";
+    /// Too late to change a stage.
+    pub const LATE: &str = "late";
+    /// Undecodable or invalid: sent to the dead-letter topic.
+    pub const DEAD_LETTER: &str = "dead_letter";
+}
+
+/// The registry and every metric in it.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Events consumed, by topic and outcome.
+    pub events_consumed: IntCounterVec,
+    /// Decode errors, by topic and reason code.
+    pub decode_errors: IntCounterVec,
+    /// Records sent to the dead-letter topic, by source topic.
+    pub dead_letters: IntCounterVec,
+    /// Stage transitions, by from/to stage id (`none` for a contact's first stage).
+    pub stage_transitions: IntCounterVec,
+    /// Contacts per current stage.
+    pub contacts: IntGaugeVec,
+    /// Churn risk of scored buyers at their transitions.
+    pub churn_risk: Histogram,
+    /// Event time to output acknowledged, seconds.
+    pub end_to_end_latency: Histogram,
+    /// Time to process one poll batch, seconds.
+    pub processing_latency: HistogramVec,
+    /// Consumer lag per owned partition, records.
+    pub consumer_lag: IntGaugeVec,
+    /// Rebalances, by kind (`assign`, `revoke`).
+    pub rebalances: IntCounterVec,
+    /// Offset commits that failed.
+    pub commit_failures: IntCounter,
+    /// Contacts held per owned partition.
+    pub state_contacts: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+            registry.register(Box::new(metric.clone()))?;
+            Ok(metric)
+        };
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let processing_latency = HistogramVec::new(
+            HistogramOpts::new(
+                PROCESSING_LATENCY,
+                "Time to process one batch of polled records, seconds",
+            )
+            .buckets(vec![
+                0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+            ]),
+            &["partition"],
+        )?;
+        registry.register(Box::new(processing_latency.clone()))?;
+        let commit_failures = IntCounter::new(COMMIT_FAILURES, "Offset commits that failed")?;
+        registry.register(Box::new(commit_failures.clone()))?;
+        Ok(Metrics {
+            events_consumed: counter_vec(
+                EVENTS_CONSUMED,
+                "Input records consumed, by topic and outcome",
+                &["topic", "outcome"],
+            )?,
+            decode_errors: counter_vec(
+                DECODE_ERRORS,
+                "Input records that could not be decoded, by reason",
+                &["topic", "reason"],
+            )?,
+            dead_letters: counter_vec(
+                DEAD_LETTERS,
+                "Records sent to the dead-letter topic, by source topic",
+                &["topic"],
+            )?,
+            stage_transitions: counter_vec(STAGE_TRANSITIONS, "Lifecycle stage transitions", &["from", "to"])?,
+            contacts: gauge_vec(CONTACTS, "Contacts per current lifecycle stage", &["stage"])?,
+            churn_risk: histogram(
+                CHURN_RISK,
+                "Churn risk (P(no purchase in the horizon)) of buyers at their stage transitions",
+                (1..=20).map(|step| f64::from(step) * 0.05).collect(),
+            )?,
+            end_to_end_latency: histogram(
+                END_TO_END_LATENCY,
+                "From an input's event time to its outputs acknowledged by the broker, seconds",
+                latency_buckets,
+            )?,
+            processing_latency,
+            consumer_lag: gauge_vec(
+                CONSUMER_LAG,
+                "Consumer lag per owned partition, records",
+                &["topic", "partition"],
+            )?,
+            rebalances: counter_vec(REBALANCES, "Consumer group rebalances seen, by kind", &["kind"])?,
+            commit_failures,
+            state_contacts: gauge_vec(
+                STATE_CONTACTS,
+                "Contacts held in the state of each owned partition",
+                &["partition"],
+            )?,
+            registry,
+        })
+    }
+
+    /// Counts a stage change: the transition, and the contacts per stage.
+    pub fn record_stage_change(&self, change: &StageChange, model: &StageModel) {
+        let to = model.stage(change.to).id.as_str();
+        let from = change.from.map_or("none", |stage| model.stage(stage).id.as_str());
+        self.stage_transitions.with_label_values(&[from, to]).inc();
+        self.contacts.with_label_values(&[to]).inc();
+        if change.from.is_some() {
+            self.contacts.with_label_values(&[from]).dec();
+        }
+        if let Some(risk) = change.churn_risk {
+            self.churn_risk.observe(risk);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding metric families we built ourselves into memory cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::json::decode_event;
+    use crate::config::Config;
+    use crate::processor::Processor;
+    use crate::state::new_shard;
+    use std::sync::Arc;
+
+    #[test]
+    fn stage_changes_are_counted_and_rendered() {
+        let config = Config::builtin().unwrap();
+        let engine = Arc::new(config.engine);
+        let mut processor = Processor::new(engine.clone(), Arc::new(new_shard(0)), config.processing);
+        let mut out = Vec::new();
+        for line in [
+            r#"{"source":"clickstream","event_id":"e1","contact_id":"c1","occurred_at":"2025-01-01T00:00:00Z","type":"signup"}"#,
+            r#"{"source":"purchase","event_id":"e2","contact_id":"c1","occurred_at":"2025-01-02T00:00:00Z","order_id":"o","amount":5,"currency":"EUR","status":"completed"}"#,
+        ] {
+            processor.process(&decode_event(line.as_bytes()).unwrap(), &mut out);
+        }
+        let metrics = Metrics::new().unwrap();
+        for change in &out {
+            metrics.record_stage_change(change, &engine.model);
+        }
+        metrics
+            .events_consumed
+            .with_label_values(&["purchases", outcome::PROCESSED])
+            .inc();
+        let text = metrics.render();
+        for expected in [
+            r#"lifecycle_stage_transitions_total{from="none",to="lead"} 1"#,
+            r#"lifecycle_stage_transitions_total{from="lead",to="customer"} 1"#,
+            r#"lifecycle_contacts{stage="customer"} 1"#,
+            r#"lifecycle_contacts{stage="lead"} 0"#,
+            "lifecycle_churn_risk_count 1",
+            r#"lifecycle_events_consumed_total{outcome="processed",topic="purchases"} 1"#,
+            "# HELP lifecycle_commit_failures_total Offset commits that failed",
+        ] {
+            assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+        }
+    }
+}
