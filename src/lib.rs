@@ -26,6 +26,7 @@
 //! - [`codec`]: JSON lines <-> domain (Avro joins with the Kafka service).
 //! - [`state`]: the per-partition shard type.
 //! - [`replay`], [`generate`], [`fit_command`]: the broker-free commands.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the query API (an edge).
 //! - [`metrics`]: every exported metric's name, help and labels (an edge).
 //! - [`process_stats`]: the process's memory figures for benchmark reports.
 //! - [`partition`]: the Java clients' murmur2 partitioner, for co-partitioned keys.
@@ -39,6 +40,7 @@ pub mod config;
 pub mod domain;
 pub mod fit_command;
 pub mod generate;
+pub mod http;
 pub mod lifecycle;
 pub mod metrics;
 pub mod partition;
