@@ -5,6 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use lifecycle_scorer::fit_command::read_summary;
 use lifecycle_scorer::scoring::fit::{compress, fit, WeightedRfm};
 use lifecycle_scorer::scoring::{BgParams, Model, ModelKind, Rfm};
 
@@ -24,26 +25,7 @@ const CDNOW: BgParams = BgParams {
 fn customers() -> Vec<Rfm> {
     let text = std::fs::read_to_string(SUMMARY)
         .unwrap_or_else(|error| panic!("benchmark data missing: cannot read {SUMMARY}: {error}"));
-    text.lines()
-        .skip(1)
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            let fields: Vec<f64> = line
-                .split(',')
-                .map(|field| {
-                    field
-                        .trim()
-                        .parse()
-                        .unwrap_or_else(|error| panic!("bad field in {line:?}: {error}"))
-                })
-                .collect();
-            Rfm {
-                x: fields[1],
-                t_x: fields[2],
-                t: fields[3],
-            }
-        })
-        .collect()
+    read_summary(text.as_bytes()).unwrap_or_else(|error| panic!("{SUMMARY}: {error}"))
 }
 
 fn scores(c: &mut Criterion) {

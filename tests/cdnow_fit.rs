@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use lifecycle_scorer::fit_command::read_summary;
 use lifecycle_scorer::scoring::fit::{compress, fit, FitReport};
 use lifecycle_scorer::scoring::gamma_gamma::{fit_gamma_gamma, SpendRow};
 use lifecycle_scorer::scoring::{BgParams, Model, ModelKind, Rfm};
@@ -29,36 +30,10 @@ fn read(path: &str) -> String {
     }
 }
 
-/// `ID,frequency,recency,T` rows, in weeks.
+/// `ID,frequency,recency,T` rows, in weeks, read by the same parser `fit --summary` uses.
 fn summary() -> Vec<Rfm> {
-    let text = read(SUMMARY);
-    let mut lines = text.lines();
-    assert_eq!(
-        lines.next().map(str::trim),
-        Some("ID,frequency,recency,T"),
-        "unexpected header in {SUMMARY}"
-    );
-    let rows: Vec<Rfm> = lines
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            let fields: Vec<f64> = line
-                .split(',')
-                .map(|field| {
-                    field
-                        .trim()
-                        .parse::<f64>()
-                        .unwrap_or_else(|error| panic!("bad field in {line:?}: {error}"))
-                })
-                .collect();
-            assert_eq!(fields.len(), 4, "bad row {line:?}");
-            Rfm {
-                x: fields[1],
-                t_x: fields[2],
-                t: fields[3],
-            }
-        })
-        .collect();
-    assert_eq!(rows.len(), 2357, "the CDNOW sample has 2,357 customers");
+    let rows = read_summary(read(SUMMARY).as_bytes()).unwrap_or_else(|error| panic!("{SUMMARY}: {error}"));
+    assert_eq!(rows.len(), 2357, "the CDNOW 1/10 sample has 2,357 customers");
     rows
 }
 
