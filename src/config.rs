@@ -17,6 +17,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::domain::{days_to_millis, StageId};
+use crate::lifecycle::model::find_stage;
 use crate::lifecycle::{Conditions, Engagement, Engine, EventMatcher, Rule, StageDef, StageModel, StageSet};
 use crate::scoring::{BgParams, ChurnScorer, Model, ModelKind, TimeUnit};
 
@@ -444,13 +445,7 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
     if !stages.is_empty() && stages.iter().all(|stage| stage.lost) {
         problems.push("stages", "at least one stage must be on the main path (lost = false)");
     }
-    let find = |id: &str| {
-        stages
-            .iter()
-            .position(|stage| stage.id == id)
-            .and_then(|index| u8::try_from(index).ok())
-            .map(StageId)
-    };
+    let find = |id: &str| find_stage(&stages, id);
 
     // Rules.
     let mut rules = Vec::new();

@@ -110,6 +110,16 @@ impl ContactKey {
         }
     }
 
+    /// The key as the output records carry it: `(contact_id, anonymous_id)`, one of them set.
+    pub fn output_ids(&self) -> (Option<String>, Option<String>) {
+        let id = self.id.to_string();
+        if self.anonymous {
+            (None, Some(id))
+        } else {
+            (Some(id), None)
+        }
+    }
+
     /// A key for an anonymous visitor.
     pub fn anonymous(id: impl Into<CompactString>) -> Self {
         ContactKey {

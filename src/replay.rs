@@ -212,11 +212,7 @@ impl ContactReport {
     pub fn new(engine: &Engine, key: &ContactKey, state: &ContactState, now: Timestamp) -> Self {
         let model = &engine.model;
         let score = engine.scorer.score(state, now);
-        let (contact_id, anonymous_id) = if key.anonymous {
-            (None, Some(key.id.to_string()))
-        } else {
-            (Some(key.id.to_string()), None)
-        };
+        let (contact_id, anonymous_id) = key.output_ids();
         let mut stages: Vec<StageVisit> = state
             .history()
             .iter()

@@ -309,11 +309,7 @@ pub struct StageChangeRecord {
 impl StageChangeRecord {
     /// Renders a stage change with the stage ids of `model`.
     pub fn new(change: &StageChange, model: &StageModel) -> Self {
-        let (contact_id, anonymous_id) = if change.key.anonymous {
-            (None, Some(change.key.id.to_string()))
-        } else {
-            (Some(change.key.id.to_string()), None)
-        };
+        let (contact_id, anonymous_id) = change.key.output_ids();
         let (trigger, trigger_event_id) = match &change.trigger {
             Trigger::Event(id) => ("event", Some(id.to_string())),
             Trigger::Timer => ("timer", None),

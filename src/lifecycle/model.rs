@@ -173,6 +173,15 @@ pub const REASON_FIRST_SEEN: &str = "first_seen";
 /// Reason used when a contact leaves a lost stage.
 pub const REASON_REACTIVATED: &str = "reactivated";
 
+/// The id of the stage called `id` among `stages`.
+pub fn find_stage(stages: &[StageDef], id: &str) -> Option<StageId> {
+    stages
+        .iter()
+        .position(|stage| stage.id == id)
+        .and_then(|index| u8::try_from(index).ok())
+        .map(StageId)
+}
+
 /// The complete, validated stage model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StageModel {
@@ -231,11 +240,7 @@ impl StageModel {
 
     /// Looks a stage up by its id text.
     pub fn find(&self, id: &str) -> Option<StageId> {
-        self.stages
-            .iter()
-            .position(|stage| stage.id == id)
-            .and_then(|index| u8::try_from(index).ok())
-            .map(StageId)
+        find_stage(&self.stages, id)
     }
 
     /// The entry stage: the first main-path stage.
