@@ -168,6 +168,11 @@ impl Source {
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|source| source.as_str() == name)
     }
+
+    /// Position in [`Source::ALL`], for per-source arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
 }
 
 impl fmt::Display for Source {

@@ -2804,6 +2804,7 @@ mod engine_agreement {
             as_of: Some(end),
             max_errors_shown: 5,
             capacity: 4000,
+            ..ReplayOptions::default()
         };
         let (mut changes, mut errors) = (Vec::new(), Vec::new());
         let (summary, processor) = replay(

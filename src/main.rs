@@ -64,6 +64,10 @@ enum Command {
         /// Expected number of contacts, to size the state up front.
         #[arg(long, default_value_t = 0)]
         capacity: usize,
+        /// Process as `run` does with this many input partitions (each with its own clock,
+        /// timers and reorder buffer), to compare with the service's output.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
     },
     /// Fit model parameters by maximum likelihood.
     Fit {
@@ -179,6 +183,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             output,
             max_errors_shown,
             capacity,
+            partitions,
         } => {
             let config = load_config(config.as_deref())?;
             let engine = Arc::new(config.engine);
@@ -193,6 +198,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 as_of,
                 max_errors_shown,
                 capacity,
+                partitions,
             };
             let (summary, processor) = replay(engine, config.processing, reader, &mut changes, &mut errors, options)?;
             changes.flush()?;
@@ -232,7 +238,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     let options = ReplayOptions {
                         as_of,
                         max_errors_shown: 20,
-                        capacity: 0,
+                        ..ReplayOptions::default()
                     };
                     let (_, processor) = replay(
                         Arc::new(config.engine),

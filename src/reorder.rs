@@ -16,46 +16,47 @@ use std::collections::BinaryHeap;
 
 use crate::domain::{ContactEvent, Timestamp};
 
-/// An event with its canonical sort key.
+/// An event with its canonical sort key, and what the caller tagged it with.
 #[derive(Debug)]
-struct Pending(ContactEvent);
+struct Pending<T>(ContactEvent, T);
 
-impl Pending {
+impl<T> Pending<T> {
     fn key(&self) -> (Timestamp, crate::domain::Source, &str) {
         (self.0.occurred_at, self.0.source(), self.0.event_id.as_str())
     }
 }
 
-impl PartialEq for Pending {
+impl<T> PartialEq for Pending<T> {
     fn eq(&self, other: &Self) -> bool {
         self.key() == other.key()
     }
 }
 
-impl Eq for Pending {}
+impl<T> Eq for Pending<T> {}
 
-impl PartialOrd for Pending {
+impl<T> PartialOrd for Pending<T> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Pending {
+impl<T> Ord for Pending<T> {
     fn cmp(&self, other: &Self) -> Ordering {
         self.key().cmp(&other.key())
     }
 }
 
-/// Holds events until they can be released in canonical order.
+/// Holds events until they can be released in canonical order. Each event travels with a tag
+/// of the caller's (the service tags events with the input record they came from).
 #[derive(Debug)]
-pub struct ReorderBuffer {
+pub struct ReorderBuffer<T = ()> {
     window_millis: i64,
-    pending: BinaryHeap<Reverse<Pending>>,
+    pending: BinaryHeap<Reverse<Pending<T>>>,
     /// Highest event time pushed so far.
     high_water: Timestamp,
 }
 
-impl ReorderBuffer {
+impl<T> ReorderBuffer<T> {
     /// A buffer that waits until the event time seen is `window_millis` past an event.
     pub fn new(window_millis: i64) -> Self {
         ReorderBuffer {
@@ -76,26 +77,31 @@ impl ReorderBuffer {
     }
 
     /// Adds an event and moves every event now ready onto `ready`, in canonical order.
-    pub fn push(&mut self, event: ContactEvent, ready: &mut Vec<ContactEvent>) {
+    pub fn push(&mut self, event: ContactEvent, tag: T, ready: &mut Vec<(ContactEvent, T)>) {
         self.high_water = self.high_water.max(event.occurred_at);
-        self.pending.push(Reverse(Pending(event)));
+        self.pending.push(Reverse(Pending(event, tag)));
         let release_to = self.high_water.plus_millis(-self.window_millis);
         while self
             .pending
             .peek()
             .is_some_and(|Reverse(next)| next.0.occurred_at <= release_to)
         {
-            if let Some(Reverse(Pending(event))) = self.pending.pop() {
-                ready.push(event);
+            if let Some(Reverse(Pending(event, tag))) = self.pending.pop() {
+                ready.push((event, tag));
             }
         }
     }
 
     /// Releases everything held, in canonical order (end of input, or an idle partition).
-    pub fn flush(&mut self, ready: &mut Vec<ContactEvent>) {
-        while let Some(Reverse(Pending(event))) = self.pending.pop() {
-            ready.push(event);
+    pub fn flush(&mut self, ready: &mut Vec<(ContactEvent, T)>) {
+        while let Some(Reverse(Pending(event, tag))) = self.pending.pop() {
+            ready.push((event, tag));
         }
+    }
+
+    /// The tags of the events held, in no particular order.
+    pub fn tags(&self) -> impl Iterator<Item = &T> {
+        self.pending.iter().map(|Reverse(pending)| &pending.1)
     }
 }
 
@@ -126,10 +132,10 @@ mod tests {
         let mut buffer = ReorderBuffer::new(window);
         let mut ready = Vec::new();
         for event in events {
-            buffer.push(event, &mut ready);
+            buffer.push(event, (), &mut ready);
         }
         buffer.flush(&mut ready);
-        ready.iter().map(|event| event.event_id.to_string()).collect()
+        ready.iter().map(|(event, ())| event.event_id.to_string()).collect()
     }
 
     proptest! {
@@ -168,12 +174,15 @@ mod tests {
     fn events_wait_for_the_window_then_leave_in_time_order() {
         let mut buffer = ReorderBuffer::new(1_000);
         let mut ready = Vec::new();
-        buffer.push(event(0, 500, 0), &mut ready);
-        buffer.push(event(1, 100, 2), &mut ready);
+        buffer.push(event(0, 500, 0), 0, &mut ready);
+        buffer.push(event(1, 100, 2), 1, &mut ready);
         assert!(ready.is_empty());
-        buffer.push(event(2, 1_200, 0), &mut ready);
-        let ids: Vec<&str> = ready.iter().map(|event| event.event_id.as_str()).collect();
-        assert_eq!(ids, ["e1"], "only what the window has passed");
+        buffer.push(event(2, 1_200, 0), 2, &mut ready);
+        let ids: Vec<(&str, i32)> = ready
+            .iter()
+            .map(|(event, tag)| (event.event_id.as_str(), *tag))
+            .collect();
+        assert_eq!(ids, [("e1", 1)], "only what the window has passed, with its tag");
         assert_eq!(buffer.len(), 2);
     }
 }

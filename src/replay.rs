@@ -16,6 +16,7 @@ use crate::codec::json::{decode_event, StageChangeRecord};
 use crate::config::Processing;
 use crate::domain::{ContactKey, ContactState, StageChange, Timestamp};
 use crate::lifecycle::{Engine, StageModel};
+use crate::partition::partition_for;
 use crate::processor::Processor;
 use crate::reorder::ReorderBuffer;
 use crate::state::new_shard;
@@ -29,6 +30,10 @@ pub struct ReplayOptions {
     pub max_errors_shown: usize,
     /// Expected number of contacts, to size the state map up front.
     pub capacity: usize,
+    /// Process as the service would with this many input partitions: events are split by the
+    /// Java clients' partitioner on their key, and each partition has its own processor
+    /// (clock, timers) and reorder buffer. 0 or 1: one partition.
+    pub partitions: u32,
 }
 
 /// What a replay did.
@@ -57,7 +62,9 @@ pub struct ReplaySummary {
 }
 
 /// Replays `input`, writing stage changes to `changes` and bad-line reports to `errors`.
-/// Returns the summary and the processor holding the final state.
+/// Returns the summary and a processor whose shard holds the final state of every contact (the
+/// partitions' processors share one shard; their key sets are disjoint) and whose clock is the
+/// latest of theirs.
 pub fn replay(
     engine: Arc<Engine>,
     processing: Processing,
@@ -67,11 +74,16 @@ pub fn replay(
     options: ReplayOptions,
 ) -> io::Result<(ReplaySummary, Processor)> {
     let shard = Arc::new(new_shard(options.capacity));
-    let mut processor = Processor::new(engine.clone(), shard, processing);
+    let partitions = options.partitions.max(1);
+    let mut processors: Vec<Processor> = (0..partitions)
+        .map(|_| Processor::new(engine.clone(), shard.clone(), processing))
+        .collect();
     let mut summary = ReplaySummary::default();
     let mut out: Vec<StageChange> = Vec::new();
     // The same event-time ordering as the Kafka service, so both give the same answers.
-    let mut reorder = ReorderBuffer::new(processing.reorder_window_millis);
+    let mut reorders: Vec<ReorderBuffer> = (0..partitions)
+        .map(|_| ReorderBuffer::new(processing.reorder_window_millis))
+        .collect();
     let mut ready = Vec::new();
     let mut error_count = 0u64;
     let mut input = input;
@@ -91,9 +103,13 @@ pub fn replay(
         match decode_event(text) {
             Ok(event) => {
                 summary.events += 1;
-                reorder.push(event, &mut ready);
-                for event in ready.drain(..) {
-                    processor.process(&event, &mut out);
+                let lane = match event.key() {
+                    Some(key) if partitions > 1 => partition_for(key.id.as_bytes(), partitions) as usize,
+                    _ => 0,
+                };
+                reorders[lane].push(event, (), &mut ready);
+                for (event, ()) in ready.drain(..) {
+                    processors[lane].process(&event, &mut out);
                 }
             }
             Err(error) => {
@@ -109,12 +125,14 @@ pub fn replay(
             out.clear();
         }
     }
-    reorder.flush(&mut ready);
-    for event in ready.drain(..) {
-        processor.process(&event, &mut out);
-    }
-    if let Some(as_of) = options.as_of {
-        processor.advance_to(as_of, &mut out);
+    for (processor, reorder) in processors.iter_mut().zip(&mut reorders) {
+        reorder.flush(&mut ready);
+        for (event, ()) in ready.drain(..) {
+            processor.process(&event, &mut out);
+        }
+        if let Some(as_of) = options.as_of {
+            processor.advance_to(as_of, &mut out);
+        }
     }
     write_changes(&out, &engine.model, changes)?;
     out.clear();
@@ -125,11 +143,19 @@ pub fn replay(
             error_count - options.max_errors_shown as u64
         )?;
     }
-    let stats = processor.stats();
-    summary.duplicates = stats.duplicates;
-    summary.too_late = stats.too_late;
-    summary.stage_changes = stats.stage_changes;
-    summary.timer_changes = stats.timer_changes;
+    for stats in processors.iter().map(Processor::stats) {
+        summary.duplicates += stats.duplicates;
+        summary.too_late += stats.too_late;
+        summary.stage_changes += stats.stage_changes;
+        summary.timer_changes += stats.timer_changes;
+    }
+    let watermark = processors
+        .iter()
+        .map(Processor::watermark)
+        .max()
+        .unwrap_or(Timestamp::MIN_VALID);
+    let mut processor = processors.swap_remove(0);
+    processor.raise_watermark(watermark);
     summary.contacts = processor.shard().len() as u64;
     for entry in processor.shard().iter() {
         let id = engine.model.stage(entry.value().stage).id.clone();

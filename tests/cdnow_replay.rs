@@ -33,6 +33,7 @@ fn replaying_cdnow_transactions_reproduces_the_summary_statistics() {
         as_of: Some(as_of),
         max_errors_shown: 10,
         capacity: 0,
+        ..ReplayOptions::default()
     };
     let mut errors = Vec::new();
     let (summary, processor) = replay(

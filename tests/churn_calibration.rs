@@ -49,6 +49,7 @@ fn predicted_churn_matches_observed_no_purchase_rates() {
         as_of: Some(cutoff),
         max_errors_shown: 5,
         capacity: 0,
+        ..ReplayOptions::default()
     };
     let (_, processor) = replay(
         Arc::new(config.engine),

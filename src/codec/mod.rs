@@ -7,6 +7,7 @@
 
 pub mod avro;
 pub mod json;
+pub mod output;
 
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, Time};

@@ -21,8 +21,14 @@ use crate::lifecycle::model::find_stage;
 use crate::lifecycle::{Conditions, Engagement, Engine, EventMatcher, Rule, StageDef, StageModel, StageSet};
 use crate::scoring::{BgParams, ChurnScorer, Model, ModelKind, TimeUnit};
 
+mod service;
+
+pub use service::{
+    InputFormat, KafkaSettings, OutputFormat, RegistrySettings, SchemaSettings, ServiceConfig, TaskSettings, Topics,
+};
+
 /// The built-in default configuration (the shipped `deploy/lifecycle-scorer.toml`).
-pub const DEFAULT_CONFIG_TOML: &str = include_str!("../deploy/lifecycle-scorer.toml");
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../deploy/lifecycle-scorer.toml");
 
 /// Prefix of environment variables that override configuration fields.
 pub const ENV_PREFIX: &str = "LIFECYCLE_SCORER__";
@@ -85,6 +91,14 @@ struct RawConfig {
     processing: RawProcessing,
     stages: Vec<RawStage>,
     rules: Vec<RawRule>,
+    kafka: service::RawKafka,
+    topics: service::RawTopics,
+    input: service::RawInput,
+    output: service::RawOutput,
+    schemas: service::RawSchemas,
+    attribution: service::RawAttribution,
+    http: service::RawHttp,
+    service: service::RawService,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +182,8 @@ pub struct Config {
     pub engine: Engine,
     /// Processor settings.
     pub processing: Processing,
+    /// The service's settings (`run`).
+    pub service: ServiceConfig,
     /// Non-fatal findings (unreachable stages and the like).
     pub warnings: Vec<Problem>,
 }
@@ -208,7 +224,21 @@ impl Config {
             .parse()
             .map_err(|error: toml::de::Error| syntax(format!("built-in default: {error}")))?;
         for (section, value) in builtin {
-            table.entry(section).or_insert(value);
+            match (table.get_mut(&section), value) {
+                (None, value) => {
+                    table.insert(section, value);
+                }
+                // The service sections are filled field by field: a file may set one broker
+                // address and keep every other default.
+                (Some(toml::Value::Table(theirs)), toml::Value::Table(defaults))
+                    if service::SERVICE_SECTIONS.contains(&section.as_str()) =>
+                {
+                    for (field, value) in defaults {
+                        theirs.entry(field).or_insert(value);
+                    }
+                }
+                (Some(_), _) => {}
+            }
         }
         let mut problems = Vec::new();
         for (name, value) in overrides {
@@ -340,6 +370,19 @@ impl Problems {
 fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, Vec<Problem>> {
     let mut problems = Problems(Vec::new());
     let mut warnings = Problems(Vec::new());
+    let service = service::validate_service(
+        service::RawServiceSections {
+            kafka: raw.kafka,
+            topics: raw.topics,
+            input: raw.input,
+            output: raw.output,
+            schemas: raw.schemas,
+            attribution: raw.attribution,
+            http: raw.http,
+            service: raw.service,
+        },
+        &mut problems,
+    );
 
     let scoring = &raw.scoring;
     for (name, value) in [
@@ -601,6 +644,7 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
             timer_sweep_millis: days_to_millis(raw.processing.timer_sweep_minutes / (24.0 * 60.0)).max(1),
             reorder_window_millis: days_to_millis(raw.processing.reorder_window_seconds / 86_400.0),
         },
+        service,
         warnings: warnings.0,
     })
 }
