@@ -50,6 +50,13 @@ impl OwnedShards {
         }
     }
 
+    /// Stops owning `partition`.
+    pub fn remove(&self, partition: u32) {
+        if let Ok(mut shards) = self.shards.write() {
+            shards.remove(&partition);
+        }
+    }
+
     /// The shard of `partition`, if owned here.
     pub fn get(&self, partition: u32) -> Option<Arc<Shard>> {
         self.shards.read().ok()?.get(&partition).cloned()

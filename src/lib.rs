@@ -49,4 +49,5 @@ pub mod processor;
 pub mod reorder;
 pub mod replay;
 pub mod scoring;
+pub mod service;
 pub mod state;

@@ -16,10 +16,13 @@ use lifecycle_scorer::config::{Config, ConfigError};
 use lifecycle_scorer::domain::Timestamp;
 use lifecycle_scorer::fit_command::{fit_rows, read_summary, spend_rows_from_state, statistics_from_state};
 use lifecycle_scorer::generate::{generate, GenerateOptions};
+use lifecycle_scorer::http::wall_clock;
 use lifecycle_scorer::process_stats::peak_resident_bytes;
 use lifecycle_scorer::replay::{replay, write_state, ReplayOptions};
 use lifecycle_scorer::scoring::gamma_gamma::fit_gamma_gamma;
 use lifecycle_scorer::scoring::{ModelKind, TimeUnit};
+use lifecycle_scorer::service::embedded::{run_embedded, EmbeddedOptions};
+use lifecycle_scorer::service::RunOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +43,40 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the Kafka service: consume the input topics, publish stage changes, conversions and
+    /// dead letters, serve /metrics, /healthz, /readyz, /contacts/{id} and /stages. Stops
+    /// gracefully on SIGTERM or SIGINT.
+    Run {
+        /// Configuration file (default: the built-in default).
+        #[arg(long, conflicts_with = "embedded")]
+        config: Option<PathBuf>,
+        /// Start librdkafka's mock cluster in process, feed it a generated stream and run
+        /// against it: the whole service with no external broker.
+        #[arg(long)]
+        embedded: bool,
+        /// With --embedded: contacts in the generated stream.
+        #[arg(long, default_value_t = 20_000, requires = "embedded")]
+        contacts: u64,
+        /// With --embedded: days the generated stream spans.
+        #[arg(long, default_value_t = 365, requires = "embedded")]
+        days: u32,
+        /// With --embedded: generator seed.
+        #[arg(long, default_value_t = 1, requires = "embedded")]
+        seed: u64,
+        /// With --embedded: partitions of every topic.
+        #[arg(long, default_value_t = 8, requires = "embedded")]
+        partitions: i32,
+        /// With --embedded: input records per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 0, requires = "embedded")]
+        rate: u64,
+        /// With --embedded: stop once every record is processed and print the throughput,
+        /// latency and CPU report as JSON (the end-to-end benchmark).
+        #[arg(long, requires = "embedded")]
+        exit_when_done: bool,
+        /// With --embedded: HTTP listen address (else `http.listen` of the configuration).
+        #[arg(long, default_value = "127.0.0.1:8080", requires = "embedded")]
+        listen: std::net::SocketAddr,
+    },
     /// Run events from a JSON-lines file (or stdin) through the engine; stage changes go to
     /// stdout as JSON lines, a summary to stderr.
     Replay {
@@ -173,8 +210,88 @@ fn create_output(path: &Path) -> anyhow::Result<BufWriter<File>> {
     Ok(BufWriter::with_capacity(1 << 20, file))
 }
 
+/// Completes on the first SIGTERM or SIGINT.
+async fn termination() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("termination signal received");
+}
+
+fn run_service(config_path: Option<PathBuf>, embedded: Option<EmbeddedOptions>) -> anyhow::Result<ExitCode> {
+    let config = load_config(config_path.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lifecycle-scorer")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match embedded {
+            Some(options) => {
+                if let Some(report) = run_embedded(config, options, termination()).await? {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+            }
+            None => {
+                let listen = config.service.listen;
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {listen} (http.listen)"))?;
+                let config_dir = config_path
+                    .as_deref()
+                    .and_then(Path::parent)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                let options = RunOptions {
+                    config_dir,
+                    now: wall_clock,
+                };
+                lifecycle_scorer::service::run(config, options, listener, termination()).await?;
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Run {
+            config,
+            embedded,
+            contacts,
+            days,
+            seed,
+            partitions,
+            rate,
+            exit_when_done,
+            listen,
+        } => run_service(
+            config,
+            embedded.then_some(EmbeddedOptions {
+                contacts,
+                days,
+                seed,
+                partitions,
+                rate,
+                exit_when_done,
+                listen,
+            }),
+        ),
         Command::Replay {
             input,
             config,

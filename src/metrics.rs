@@ -6,12 +6,13 @@
 //! An edge: the core never imports this module; the service records what the core returns.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
 use crate::domain::StageChange;
 use crate::lifecycle::StageModel;
+use crate::state::Shard;
 
 /// `lifecycle_events_consumed_total{topic, outcome}`.
 pub const EVENTS_CONSUMED: &str = "lifecycle_events_consumed_total";
@@ -37,6 +38,16 @@ pub const REBALANCES: &str = "lifecycle_rebalances_total";
 pub const COMMIT_FAILURES: &str = "lifecycle_commit_failures_total";
 /// `lifecycle_state_contacts{partition}`.
 pub const STATE_CONTACTS: &str = "lifecycle_state_contacts";
+/// `lifecycle_records_produced_total{topic}`.
+pub const RECORDS_PRODUCED: &str = "lifecycle_records_produced_total";
+/// `lifecycle_output_retries_total{topic}`.
+pub const OUTPUT_RETRIES: &str = "lifecycle_output_retries_total";
+/// `lifecycle_record_latency_seconds` histogram.
+pub const RECORD_LATENCY: &str = "lifecycle_record_latency_seconds";
+/// `lifecycle_partition_stalls_total{topic}`.
+pub const PARTITION_STALLS: &str = "lifecycle_partition_stalls_total";
+/// `lifecycle_ready`.
+pub const READY: &str = "lifecycle_ready";
 
 /// Outcome label values of [`EVENTS_CONSUMED`].
 pub mod outcome {
@@ -78,6 +89,16 @@ pub struct Metrics {
     pub commit_failures: IntCounter,
     /// Contacts held per owned partition.
     pub state_contacts: IntGaugeVec,
+    /// Output records acknowledged by the broker, by topic.
+    pub records_produced: IntCounterVec,
+    /// Output records sent again after a failed delivery, by topic.
+    pub output_retries: IntCounterVec,
+    /// From an input's append to the broker to its outputs acknowledged, seconds.
+    pub record_latency: Histogram,
+    /// Times an input partition was found stalled (lag but no progress), by topic.
+    pub partition_stalls: IntCounterVec,
+    /// 1 while `/readyz` answers ready.
+    pub ready: IntGauge,
 }
 
 impl Metrics {
@@ -115,6 +136,11 @@ impl Metrics {
         registry.register(Box::new(processing_latency.clone()))?;
         let commit_failures = IntCounter::new(COMMIT_FAILURES, "Offset commits that failed")?;
         registry.register(Box::new(commit_failures.clone()))?;
+        let ready = IntGauge::new(
+            READY,
+            "1 while the instance is ready (every assigned partition consuming)",
+        )?;
+        registry.register(Box::new(ready.clone()))?;
         Ok(Metrics {
             events_consumed: counter_vec(
                 EVENTS_CONSUMED,
@@ -141,7 +167,7 @@ impl Metrics {
             end_to_end_latency: histogram(
                 END_TO_END_LATENCY,
                 "From an input's event time to its outputs acknowledged by the broker, seconds",
-                latency_buckets,
+                latency_buckets.clone(),
             )?,
             processing_latency,
             consumer_lag: gauge_vec(
@@ -156,6 +182,27 @@ impl Metrics {
                 "Contacts held in the state of each owned partition",
                 &["partition"],
             )?,
+            records_produced: counter_vec(
+                RECORDS_PRODUCED,
+                "Output records acknowledged by the broker, by topic",
+                &["topic"],
+            )?,
+            output_retries: counter_vec(
+                OUTPUT_RETRIES,
+                "Output records sent again after a failed delivery, by topic",
+                &["topic"],
+            )?,
+            record_latency: histogram(
+                RECORD_LATENCY,
+                "From an input's append to the broker to its outputs acknowledged, seconds",
+                latency_buckets.clone(),
+            )?,
+            partition_stalls: counter_vec(
+                PARTITION_STALLS,
+                "Times an input partition had lag but made no progress for the stall timeout",
+                &["topic"],
+            )?,
+            ready,
             registry,
         })
     }
@@ -172,6 +219,19 @@ impl Metrics {
         if let Some(risk) = change.churn_risk {
             self.churn_risk.observe(risk);
         }
+    }
+
+    /// Forgets a shard this instance no longer owns: its contacts leave the per-stage gauge,
+    /// and its per-partition series are removed.
+    pub fn forget_shard(&self, shard: &Shard, model: &StageModel, partition: i32) {
+        for entry in shard.iter() {
+            self.contacts
+                .with_label_values(&[model.stage(entry.value().stage).id.as_str()])
+                .dec();
+        }
+        let label = partition.to_string();
+        let _ = self.state_contacts.remove_label_values(&[label.as_str()]);
+        let _ = self.processing_latency.remove_label_values(&[label.as_str()]);
     }
 
     /// The Prometheus text exposition of every metric.

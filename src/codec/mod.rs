@@ -8,6 +8,7 @@
 pub mod avro;
 pub mod json;
 pub mod output;
+pub mod registry;
 
 use time::format_description::well_known::Rfc3339;
 use time::{Date, OffsetDateTime, PrimitiveDateTime, Time};
@@ -52,6 +53,25 @@ pub enum DecodeError {
         /// Why.
         reason: String,
     },
+    /// Larger than the configured limit; not decoded.
+    #[error("record of {bytes} bytes is over the limit of {limit}")]
+    Oversized {
+        /// Record size.
+        bytes: usize,
+        /// The limit (`input.max_record_bytes`).
+        limit: usize,
+    },
+    /// No payload at all.
+    #[error("empty record")]
+    Empty,
+    /// A valid event of another source than the topic carries.
+    #[error("a `{got}` event on a topic of `{expected}` events")]
+    WrongSource {
+        /// What the topic carries.
+        expected: &'static str,
+        /// What the record is.
+        got: &'static str,
+    },
 }
 
 impl DecodeError {
@@ -66,6 +86,9 @@ impl DecodeError {
             DecodeError::Framing(_) => "bad_framing",
             DecodeError::UnknownSchema(_) => "unknown_schema_id",
             DecodeError::Avro(_) => "invalid_avro",
+            DecodeError::Oversized { .. } => "oversized",
+            DecodeError::Empty => "empty_record",
+            DecodeError::WrongSource { .. } => "wrong_source",
         }
     }
 }

@@ -1,0 +1,303 @@
+//! `run`: the Kafka service around the core.
+//!
+//! One consumer group reads the co-partitioned input topics; partition p of every input is
+//! owned by one task with its own state shard (see [`task`]). A coordinator starts tasks on
+//! assignment and drains them on revocation and shutdown; the HTTP server reads the shards.
+//! Delivery: an input offset is stored only after every output it caused is acknowledged
+//! (idempotent producer, acks=all), and committed by librdkafka's auto-commit of stored
+//! offsets, synchronously on revocation and shutdown.
+
+pub mod embedded;
+mod kafka;
+mod offsets;
+mod schemas;
+mod task;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::producer::Producer;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub use offsets::OffsetTracker;
+
+use crate::codec::output::OutputEncoder;
+use crate::config::{Config, OutputFormat, ServiceConfig};
+use crate::domain::Timestamp;
+use crate::http::{serve, OwnedShards, QueryState};
+use crate::lifecycle::Engine;
+use crate::metrics::Metrics;
+use crate::state::{new_shard, Shard};
+use kafka::{GroupEvent, ServiceContext};
+use task::{run_task, Control, Shared};
+
+/// What `run` needs besides the configuration.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Directory relative schema paths are resolved against (the config file's).
+    pub config_dir: std::path::PathBuf,
+    /// The wall clock (fixed in some tests).
+    pub now: fn() -> Timestamp,
+}
+
+/// A running partition task.
+struct TaskHandle {
+    control: mpsc::Sender<Control>,
+    join: JoinHandle<()>,
+    shard: Arc<Shard>,
+}
+
+/// Runs the service until `shutdown` completes, then stops within the configured bound.
+/// Returns the metrics registry.
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Arc<Metrics>> {
+    let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+    run_with_metrics(config, options, listener, shutdown, metrics).await
+}
+
+/// [`run`] recording into `metrics`.
+pub async fn run_with_metrics(
+    config: Config,
+    options: RunOptions,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<Metrics>> {
+    let service = Arc::new(config.service);
+    let engine = Arc::new(config.engine);
+    let schemas = Arc::new(schemas::Schemas::load(&service.schemas, &options.config_dir)?);
+    let encoder = match (service.output_format, service.output_schema_ids) {
+        (OutputFormat::Avro, Some((stage_change, conversion))) => OutputEncoder::avro(stage_change, conversion)?,
+        _ => OutputEncoder::json(),
+    };
+    let producer = kafka::create_producer(&service.kafka).context("cannot create the producer")?;
+    let partitions = check_topics(&producer, &service).await?;
+
+    let (events, mut group_events) = mpsc::unbounded_channel();
+    let context = ServiceContext::new(
+        service.topics.clone(),
+        metrics.clone(),
+        events,
+        service.tasks.shutdown_timeout,
+    );
+    let brokers_up = context.brokers_up.clone();
+    let consumer = kafka::create_consumer(&service.kafka, context).context("cannot create the consumer")?;
+    let inputs: Vec<&str> = service.topics.inputs.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&inputs)
+        .context("cannot subscribe to the input topics")?;
+
+    let shards = Arc::new(OwnedShards::new(partitions));
+    let ready = Arc::new(AtomicBool::new(false));
+    let query = Arc::new(QueryState {
+        engine: engine.clone(),
+        shards: shards.clone(),
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        now: options.now,
+    });
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    tracing::info!(listen = %listener.local_addr()?, "HTTP endpoints: /metrics /healthz /readyz /contacts/{{id}} /stages");
+    let http = tokio::spawn(serve(listener, query, async {
+        let _ = http_stopped.await;
+    }));
+
+    let stop_main_queue = Arc::new(AtomicBool::new(false));
+    let main_queue = kafka::serve_main_queue(
+        consumer.clone(),
+        tokio::runtime::Handle::current(),
+        stop_main_queue.clone(),
+    );
+    let shared = Arc::new(Shared {
+        engine: engine.clone(),
+        processing: config.processing,
+        config: service.clone(),
+        metrics: metrics.clone(),
+        producer: producer.clone(),
+        encoder,
+        schemas,
+        consumer: consumer.clone(),
+        now: options.now,
+    });
+    tracing::info!(
+        bootstrap_servers = service.kafka.bootstrap_servers,
+        group_id = service.kafka.group_id,
+        partitions,
+        "service started"
+    );
+
+    let mut tasks: BTreeMap<i32, TaskHandle> = BTreeMap::new();
+    let mut assigned_once = false;
+    let mut readiness = tokio::time::interval(Duration::from_millis(250));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            event = group_events.recv() => match event {
+                Some(GroupEvent::Assigned(queues)) => {
+                    assign(&shared, &shards, &mut tasks, queues).await;
+                    assigned_once = true;
+                }
+                Some(GroupEvent::Revoking(partitions, done)) => {
+                    ready.store(false, Ordering::Relaxed);
+                    for partition in partitions {
+                        if let Some(handle) = tasks.remove(&partition) {
+                            stop_task(partition, handle, &shards, &engine, &metrics).await;
+                        }
+                    }
+                    let _ = done.send(());
+                }
+                None => break,
+            },
+            _ = readiness.tick() => {}
+        }
+        let is_ready = assigned_once && brokers_up.load(Ordering::Relaxed);
+        ready.store(is_ready, Ordering::Relaxed);
+        metrics.ready.set(i64::from(is_ready));
+    }
+
+    // Revocations from here on (the consumer closing) find nothing to drain: do not wait.
+    drop(group_events);
+    tracing::info!(partitions = tasks.len(), "shutting down: draining partitions");
+    ready.store(false, Ordering::Relaxed);
+    metrics.ready.set(0);
+    let bound = service.tasks.shutdown_timeout;
+    let drained = tokio::time::timeout(bound, async {
+        for (partition, handle) in std::mem::take(&mut tasks) {
+            stop_task(partition, handle, &shards, &engine, &metrics).await;
+        }
+        let committing = consumer.clone();
+        let committed = tokio::task::spawn_blocking(move || committing.commit_consumer_state(CommitMode::Sync)).await;
+        if let Ok(Err(error)) = committed {
+            if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::NoOffset) {
+                metrics.commit_failures.inc();
+                tracing::warn!(%error, "final commit failed");
+            }
+        }
+    })
+    .await;
+    stop_main_queue.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || main_queue.join()).await;
+    drop(shared);
+    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+    let _ = http_stop.send(());
+    let _ = http.await;
+    // The consumer closes (leaving the group) when its last handle goes.
+    drop(consumer);
+    if drained.is_err() {
+        bail!(
+            "shutdown did not finish within {:.0} s: uncommitted input will be read again",
+            bound.as_secs_f64()
+        );
+    }
+    tracing::info!("stopped");
+    Ok(metrics)
+}
+
+/// Starts tasks for newly assigned partitions, or gives a running task its other topics.
+async fn assign(
+    shared: &Arc<Shared>,
+    shards: &Arc<OwnedShards>,
+    tasks: &mut BTreeMap<i32, TaskHandle>,
+    queues: Vec<(usize, i32, kafka::PartitionQueue)>,
+) {
+    let mut by_partition: BTreeMap<i32, Vec<(usize, kafka::PartitionQueue)>> = BTreeMap::new();
+    for (source, partition, queue) in queues {
+        by_partition.entry(partition).or_default().push((source, queue));
+    }
+    for (partition, queues) in by_partition {
+        if let Some(handle) = tasks.get(&partition) {
+            for (source, queue) in queues {
+                let _ = handle.control.send(Control::AddQueue(source, queue)).await;
+            }
+            continue;
+        }
+        if queues.len() < 3 {
+            let missing: Vec<&str> = (0..3)
+                .filter(|source| !queues.iter().any(|(have, _)| have == source))
+                .map(|source| shared.config.topics.inputs[source].as_str())
+                .collect();
+            tracing::warn!(
+                partition,
+                ?missing,
+                "not every input topic's partition is assigned here: inputs must be co-partitioned (same partition count, range assignor)"
+            );
+        }
+        let shard = Arc::new(new_shard(0));
+        if let Ok(index) = u32::try_from(partition) {
+            shards.insert(index, shard.clone());
+        }
+        let (control, commands) = mpsc::channel(8);
+        let join = tokio::spawn(run_task(shared.clone(), partition, shard.clone(), queues, commands));
+        tasks.insert(partition, TaskHandle { control, join, shard });
+    }
+}
+
+/// Stops a task (it finishes and stores offsets for what it read) and forgets its shard.
+async fn stop_task(partition: i32, handle: TaskHandle, shards: &OwnedShards, engine: &Engine, metrics: &Metrics) {
+    let _ = handle.control.send(Control::Stop).await;
+    if let Err(error) = handle.join.await {
+        tracing::error!(partition, %error, "partition task failed");
+    }
+    if let Ok(index) = u32::try_from(partition) {
+        shards.remove(index);
+    }
+    metrics.forget_shard(&handle.shard, &engine.model, partition);
+}
+
+/// Checks that the topics exist and the inputs are co-partitioned; returns their partition
+/// count.
+async fn check_topics(producer: &rdkafka::producer::FutureProducer, service: &ServiceConfig) -> anyhow::Result<u32> {
+    let client = producer.clone();
+    let metadata = tokio::task::spawn_blocking(move || client.client().fetch_metadata(None, Duration::from_secs(30)))
+        .await?
+        .with_context(|| {
+            format!(
+                "cannot read topic metadata from {} (is the broker reachable?)",
+                service.kafka.bootstrap_servers
+            )
+        })?;
+    let count = |name: &str| {
+        metadata
+            .topics()
+            .iter()
+            .find(|topic| topic.name() == name && topic.error().is_none())
+            .map(|topic| topic.partitions().len())
+    };
+    let mut problems = Vec::new();
+    let mut input_counts = Vec::new();
+    for name in service.topics.inputs.iter() {
+        match count(name) {
+            Some(partitions) => input_counts.push((name.as_str(), partitions)),
+            None => problems.push(format!("input topic `{name}` does not exist")),
+        }
+    }
+    for name in [
+        &service.topics.stage_changes,
+        &service.topics.conversions,
+        &service.topics.dead_letters,
+    ] {
+        if count(name).is_none() {
+            problems.push(format!("output topic `{name}` does not exist"));
+        }
+    }
+    if input_counts.windows(2).any(|pair| pair[0].1 != pair[1].1) {
+        problems.push(format!(
+            "input topics are not co-partitioned (partition counts {input_counts:?}): give them the same count"
+        ));
+    }
+    if !problems.is_empty() {
+        bail!("topics are not ready:\n  {}", problems.join("\n  "));
+    }
+    Ok(input_counts.first().map_or(0, |(_, partitions)| *partitions as u32))
+}

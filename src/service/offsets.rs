@@ -1,0 +1,101 @@
+//! Which input offset may be committed (pure).
+//!
+//! A record is finished when everything it caused is acknowledged by the broker. Records finish
+//! out of order (the reorder buffer holds some back while later ones go through), so the offset
+//! to store for a topic-partition is the first record not yet finished, or one past the last
+//! record received when all are. Storing it means a restart re-reads exactly the records whose
+//! effects might not have reached the broker.
+
+use std::collections::VecDeque;
+
+/// The open records of one input topic-partition.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    /// Received and not yet popped: (offset, finished), in offset order.
+    open: VecDeque<(i64, bool)>,
+    /// One past the highest offset received.
+    next: Option<i64>,
+}
+
+impl OffsetTracker {
+    /// Notes a record as received (offsets arrive in increasing order per partition).
+    pub fn received(&mut self, offset: i64) {
+        debug_assert!(self.next.is_none_or(|next| offset >= next));
+        self.open.push_back((offset, false));
+        self.next = Some(offset + 1);
+    }
+
+    /// Notes a record as finished.
+    pub fn finished(&mut self, offset: i64) {
+        if let Ok(index) = self.open.binary_search_by_key(&offset, |(open, _)| *open) {
+            self.open[index].1 = true;
+        }
+        while self.open.front().is_some_and(|(_, done)| *done) {
+            self.open.pop_front();
+        }
+    }
+
+    /// The offset to store: the next record a restarted consumer must read. `None` before the
+    /// first record.
+    pub fn position(&self) -> Option<i64> {
+        self.open.front().map(|(offset, _)| *offset).or(self.next)
+    }
+
+    /// Records received and not finished.
+    pub fn pending(&self) -> usize {
+        self.open.iter().filter(|(_, done)| !done).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_position_waits_for_the_first_unfinished_record() {
+        let mut tracker = OffsetTracker::default();
+        assert_eq!(tracker.position(), None);
+        for offset in [10, 11, 12, 15] {
+            tracker.received(offset);
+        }
+        assert_eq!(tracker.position(), Some(10));
+        tracker.finished(11);
+        tracker.finished(15);
+        assert_eq!(tracker.position(), Some(10), "10 is still open");
+        tracker.finished(10);
+        assert_eq!(tracker.position(), Some(12));
+        tracker.finished(12);
+        assert_eq!(tracker.position(), Some(16), "all finished: one past the last");
+        assert_eq!(tracker.pending(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn the_position_is_the_smallest_unfinished_offset(
+            gaps in prop::collection::vec(1i64..4, 1..60),
+            order in prop::collection::vec(any::<prop::sample::Index>(), 0..60),
+        ) {
+            let mut offsets = Vec::new();
+            let mut offset = 0;
+            for gap in gaps {
+                offset += gap;
+                offsets.push(offset);
+            }
+            let mut tracker = OffsetTracker::default();
+            for offset in &offsets {
+                tracker.received(*offset);
+            }
+            let mut unfinished = offsets.clone();
+            for index in order {
+                if unfinished.is_empty() {
+                    break;
+                }
+                let offset = unfinished.remove(index.index(unfinished.len()));
+                tracker.finished(offset);
+                let expected = unfinished.iter().min().copied().unwrap_or(offsets[offsets.len() - 1] + 1);
+                prop_assert_eq!(tracker.position(), Some(expected));
+            }
+        }
+    }
+}

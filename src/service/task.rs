@@ -1,0 +1,681 @@
+//! One partition task: owns partition p of every input topic and its state shard.
+//!
+//! Records from the three topics are decoded as they arrive and queued per topic; the task
+//! merges the queues in event-time order (waiting, bounded, for a topic with nothing queued
+//! that is not known to be caught up, as Kafka Streams does), passes events through the reorder
+//! buffer to the processor, and produces the stage changes and conversion records they cause.
+//! A bad record goes to the dead-letter topic. Each batch's deliveries go to the task's acker,
+//! which waits for the broker's acknowledgements (sending again on failure) and only then
+//! stores the input offsets they finish, so a committed offset never covers an unacknowledged
+//! output.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::kafka::{Consumer_, PartitionQueue};
+use super::offsets::OffsetTracker;
+use super::schemas::Schemas;
+use crate::attribution::AttributionRules;
+use crate::codec::avro::{split_frame, SchemaStore};
+use crate::codec::json::decode_event;
+use crate::codec::output::OutputEncoder;
+use crate::codec::DecodeError;
+use crate::config::{InputFormat, Processing, ServiceConfig};
+use crate::domain::{ContactEvent, Source, StageChange, Timestamp};
+use crate::lifecycle::{Applied, Engine};
+use crate::metrics::{outcome, Metrics};
+use crate::processor::Processor;
+use crate::reorder::ReorderBuffer;
+use crate::state::Shard;
+
+/// What every partition task shares.
+pub(crate) struct Shared {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) processing: Processing,
+    pub(crate) config: Arc<ServiceConfig>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) producer: FutureProducer,
+    pub(crate) encoder: OutputEncoder,
+    pub(crate) schemas: Arc<Schemas>,
+    pub(crate) consumer: Arc<Consumer_>,
+    /// The wall clock (edge): conversion staleness, idle timers, latency.
+    pub(crate) now: fn() -> Timestamp,
+}
+
+/// Commands to a running task.
+pub(crate) enum Control {
+    /// Another input topic of this partition was assigned.
+    AddQueue(usize, PartitionQueue),
+    /// Stop reading, finish what was read, store offsets, end.
+    Stop,
+}
+
+/// Where an event came from, to finish its offset once its outputs are acknowledged.
+#[derive(Clone, Copy, Debug)]
+struct Origin {
+    source: usize,
+    offset: i64,
+    occurred_at: Timestamp,
+    appended_at: Option<i64>,
+}
+
+/// A decoded record waiting to be merged.
+struct Queued {
+    event: ContactEvent,
+    origin: Origin,
+}
+
+/// One batch's deliveries and the records they finish.
+struct Batch {
+    deliveries: Vec<(&'static str, DeliveryFuture)>,
+    finished: Vec<Origin>,
+}
+
+/// Topic names the outputs go to (leaked once: they live as long as the process).
+struct OutputTopics {
+    stage_changes: &'static str,
+    conversions: &'static str,
+    dead_letters: &'static str,
+}
+
+/// Runs the task for `partition` until told to stop (or every sender is gone).
+pub(crate) async fn run_task(
+    shared: Arc<Shared>,
+    partition: i32,
+    shard: Arc<Shard>,
+    initial: Vec<(usize, PartitionQueue)>,
+    mut control: mpsc::Receiver<Control>,
+) {
+    let mut queues: [Option<PartitionQueue>; 3] = [None, None, None];
+    for (source, queue) in initial {
+        queues[source] = Some(queue);
+    }
+    let trackers: Arc<Mutex<[OffsetTracker; 3]>> = Arc::default();
+    let (batches, acked) = mpsc::channel::<Batch>(64);
+    let acker = tokio::spawn(acknowledge(shared.clone(), partition, trackers.clone(), acked));
+    let store = match shared.schemas.store() {
+        Ok(store) => store,
+        Err(error) => {
+            tracing::error!(%error, "cannot load the configured schemas");
+            return;
+        }
+    };
+    let mut task = Task::new(shared.clone(), partition, shard, store, trackers, batches);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let batch_max = shared.config.tasks.batch_max_records;
+    loop {
+        tokio::select! {
+            biased;
+            command = control.recv() => match command {
+                Some(Control::AddQueue(source, queue)) => queues[source] = Some(queue),
+                Some(Control::Stop) | None => break,
+            },
+            received = recv(&queues[0]), if queues[0].is_some() => task.on_record(0, received).await,
+            received = recv(&queues[1]), if queues[1].is_some() => task.on_record(1, received).await,
+            received = recv(&queues[2]), if queues[2].is_some() => task.on_record(2, received).await,
+            _ = tick.tick() => task.on_tick(&queues),
+        }
+        // Take whatever else is already fetched, up to a batch, without waiting.
+        let mut taken = 0;
+        'drain: while taken < batch_max {
+            let mut any = false;
+            for (source, queue) in queues.iter().enumerate() {
+                let Some(queue) = queue else { continue };
+                if let Some(received) = queue.recv().now_or_never() {
+                    task.on_record(source, received).await;
+                    taken += 1;
+                    any = true;
+                }
+            }
+            if !any {
+                break 'drain;
+            }
+        }
+        task.process_ready(&queues).await;
+    }
+    // Stop: what was processed is produced; wait for its acknowledgements and store offsets.
+    task.flush_batch().await;
+    drop(task);
+    drop(queues);
+    if let Err(error) = acker.await {
+        tracing::error!(partition, %error, "acknowledgement task failed");
+    }
+}
+
+async fn recv(queue: &Option<PartitionQueue>) -> Result<BorrowedMessage<'_>, KafkaError> {
+    match queue {
+        Some(queue) => queue.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Task {
+    shared: Arc<Shared>,
+    partition: i32,
+    partition_label: String,
+    topics: OutputTopics,
+    store: SchemaStore,
+    processor: Processor,
+    reorder: ReorderBuffer<Origin>,
+    queued: [VecDeque<Queued>; 3],
+    at_eof: [bool; 3],
+    waiting_since: [Option<Instant>; 3],
+    last_record: [Instant; 3],
+    stalled: [bool; 3],
+    caught_up_since: Option<Instant>,
+    trackers: Arc<Mutex<[OffsetTracker; 3]>>,
+    batches: mpsc::Sender<Batch>,
+    batch: Batch,
+    ready: Vec<(ContactEvent, Origin)>,
+    changes: Vec<StageChange>,
+    buffer: Vec<u8>,
+}
+
+fn leak(name: &str) -> &'static str {
+    Box::leak(name.to_owned().into_boxed_str())
+}
+
+impl Task {
+    fn new(
+        shared: Arc<Shared>,
+        partition: i32,
+        shard: Arc<Shard>,
+        store: SchemaStore,
+        trackers: Arc<Mutex<[OffsetTracker; 3]>>,
+        batches: mpsc::Sender<Batch>,
+    ) -> Self {
+        let config = &shared.config;
+        let topics = OutputTopics {
+            stage_changes: leak(&config.topics.stage_changes),
+            conversions: leak(&config.topics.conversions),
+            dead_letters: leak(&config.topics.dead_letters),
+        };
+        let processor = Processor::new(shared.engine.clone(), shard, shared.processing);
+        let now = Instant::now();
+        Task {
+            partition,
+            partition_label: partition.to_string(),
+            topics,
+            store,
+            processor,
+            reorder: ReorderBuffer::new(shared.processing.reorder_window_millis),
+            queued: Default::default(),
+            at_eof: [false; 3],
+            waiting_since: [None; 3],
+            last_record: [now; 3],
+            stalled: [false; 3],
+            caught_up_since: None,
+            trackers,
+            batches,
+            batch: Batch {
+                deliveries: Vec::new(),
+                finished: Vec::new(),
+            },
+            ready: Vec::new(),
+            changes: Vec::new(),
+            buffer: Vec::with_capacity(1024),
+            shared,
+        }
+    }
+
+    fn topic(&self, source: usize) -> &str {
+        &self.shared.config.topics.inputs[source]
+    }
+
+    /// Handles one received record (or an end-of-partition / error event).
+    async fn on_record(&mut self, source: usize, received: Result<BorrowedMessage<'_>, KafkaError>) {
+        let message = match received {
+            Ok(message) => message,
+            Err(KafkaError::PartitionEOF(_)) => {
+                self.at_eof[source] = true;
+                self.waiting_since[source] = None;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(partition = self.partition, topic = self.topic(source), %error, "consumer error");
+                return;
+            }
+        };
+        self.at_eof[source] = false;
+        self.waiting_since[source] = None;
+        self.last_record[source] = Instant::now();
+        self.stalled[source] = false;
+        self.caught_up_since = None;
+        let offset = message.offset();
+        if let Ok(mut trackers) = self.trackers.lock() {
+            trackers[source].received(offset);
+        }
+        let appended_at = message.timestamp().to_millis();
+        match self.decode(Source::ALL[source], message.payload()).await {
+            Ok(event) => {
+                let origin = Origin {
+                    source,
+                    offset,
+                    occurred_at: event.occurred_at,
+                    appended_at,
+                };
+                self.queued[source].push_back(Queued { event, origin });
+            }
+            Err(error) => self.dead_letter(source, &message, &error).await,
+        }
+    }
+
+    async fn decode(&mut self, source: Source, payload: Option<&[u8]>) -> Result<ContactEvent, DecodeError> {
+        let payload = payload
+            .filter(|payload| !payload.is_empty())
+            .ok_or(DecodeError::Empty)?;
+        let limit = self.shared.config.max_record_bytes;
+        if payload.len() > limit {
+            return Err(DecodeError::Oversized {
+                bytes: payload.len(),
+                limit,
+            });
+        }
+        let event = match self.shared.config.input_formats[source.index()] {
+            InputFormat::Json => decode_event(payload)?,
+            InputFormat::Avro => {
+                let (id, _) = split_frame(payload)?;
+                if self.store.schema(id).is_none() {
+                    self.shared.schemas.fetch(&mut self.store, id).await?;
+                }
+                self.store.decode(source, payload)?
+            }
+        };
+        if event.source() != source {
+            return Err(DecodeError::WrongSource {
+                expected: source.as_str(),
+                got: event.source().as_str(),
+            });
+        }
+        Ok(event)
+    }
+
+    async fn dead_letter(&mut self, source: usize, message: &BorrowedMessage<'_>, error: &DecodeError) {
+        let topic = self.shared.config.topics.inputs[source].clone();
+        let metrics = &self.shared.metrics;
+        metrics
+            .decode_errors
+            .with_label_values(&[topic.as_str(), error.reason()])
+            .inc();
+        metrics
+            .events_consumed
+            .with_label_values(&[topic.as_str(), outcome::DEAD_LETTER])
+            .inc();
+        metrics.dead_letters.with_label_values(&[topic.as_str()]).inc();
+        tracing::debug!(topic, offset = message.offset(), reason = error.reason(), %error, "dead letter");
+        let offset = message.offset().to_string();
+        let message_text = error.to_string();
+        let partition_text = self.partition_label.clone();
+        let mut headers = OwnedHeaders::new_with_capacity(6)
+            .insert(Header {
+                key: "error.reason",
+                value: Some(error.reason()),
+            })
+            .insert(Header {
+                key: "error.message",
+                value: Some(message_text.as_str()),
+            })
+            .insert(Header {
+                key: "source.topic",
+                value: Some(topic.as_str()),
+            })
+            .insert(Header {
+                key: "source.partition",
+                value: Some(partition_text.as_str()),
+            })
+            .insert(Header {
+                key: "source.offset",
+                value: Some(offset.as_str()),
+            });
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                headers = headers.insert(Header {
+                    key: &format!("original.{}", header.key),
+                    value: header.value,
+                });
+            }
+        }
+        let key = message.key().unwrap_or_default().to_vec();
+        let payload = message.payload().unwrap_or_default().to_vec();
+        let delivery = send(
+            &self.shared.producer,
+            self.topics.dead_letters,
+            &key,
+            &payload,
+            Some(headers),
+        )
+        .await;
+        self.batch.deliveries.push((self.topics.dead_letters, delivery));
+        self.batch.finished.push(Origin {
+            source,
+            offset: message.offset(),
+            occurred_at: Timestamp::NEVER,
+            appended_at: message.timestamp().to_millis(),
+        });
+    }
+
+    /// True when every assigned input has been read to its end and nothing is queued.
+    fn caught_up(&self, queues: &[Option<PartitionQueue>; 3]) -> bool {
+        (0..3).all(|source| queues[source].is_none() || (self.at_eof[source] && self.queued[source].is_empty()))
+    }
+
+    /// The queue whose head comes next in event-time order, or `None` when the merge must
+    /// wait for a topic that has nothing queued and may still deliver earlier events.
+    fn next_source(&mut self, queues: &[Option<PartitionQueue>; 3]) -> Option<usize> {
+        let max_idle = self.shared.config.tasks.max_task_idle;
+        let mut best: Option<usize> = None;
+        for source in 0..3 {
+            if queues[source].is_none() {
+                continue;
+            }
+            match self.queued[source].front() {
+                Some(head) => {
+                    let better = best.is_none_or(|current| {
+                        let other = &self.queued[current][0].event;
+                        (head.event.occurred_at, source, head.event.event_id.as_str())
+                            < (other.occurred_at, current, other.event_id.as_str())
+                    });
+                    if better {
+                        best = Some(source);
+                    }
+                }
+                None if self.at_eof[source] => {}
+                None => {
+                    let since = *self.waiting_since[source].get_or_insert_with(Instant::now);
+                    if since.elapsed() < max_idle {
+                        return None;
+                    }
+                }
+            }
+        }
+        best
+    }
+
+    /// Merges, reorders and processes what can go now, then hands the batch to the acker.
+    async fn process_ready(&mut self, queues: &[Option<PartitionQueue>; 3]) {
+        let started = Instant::now();
+        // Left by the tick: a released reorder buffer, or timers fired on the wall clock.
+        let mut processed = !self.ready.is_empty();
+        if processed {
+            self.process_released().await;
+        }
+        if !self.changes.is_empty() {
+            self.produce_changes().await;
+        }
+        while let Some(source) = self.next_source(queues) {
+            let Some(Queued { event, origin }) = self.queued[source].pop_front() else {
+                break;
+            };
+            self.reorder.push(event, origin, &mut self.ready);
+            if !self.ready.is_empty() {
+                self.process_released().await;
+                processed = true;
+            }
+        }
+        if processed {
+            self.shared
+                .metrics
+                .processing_latency
+                .with_label_values(&[self.partition_label.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        self.flush_batch().await;
+    }
+
+    async fn process_released(&mut self) {
+        let shared = self.shared.clone();
+        let now = (shared.now)();
+        let mut released = std::mem::take(&mut self.ready);
+        for (event, origin) in released.drain(..) {
+            let applied = self.processor.process(&event, &mut self.changes);
+            let label = match applied {
+                Applied::Applied => outcome::PROCESSED,
+                Applied::Duplicate => outcome::DUPLICATE,
+                Applied::TooLate => outcome::LATE,
+            };
+            shared
+                .metrics
+                .events_consumed
+                .with_label_values(&[shared.config.topics.inputs[origin.source].as_str(), label])
+                .inc();
+            self.produce_changes().await;
+            if applied != Applied::Duplicate {
+                if let Some(rules) = &shared.config.attribution {
+                    self.produce_conversions(rules, &event, now).await;
+                }
+            }
+            self.batch.finished.push(origin);
+        }
+        self.ready = released;
+    }
+
+    async fn produce_changes(&mut self) {
+        let shared = self.shared.clone();
+        let model = &shared.engine.model;
+        let mut changes = std::mem::take(&mut self.changes);
+        for change in changes.drain(..) {
+            shared.metrics.record_stage_change(&change, model);
+            self.buffer.clear();
+            if let Err(error) = shared.encoder.stage_change(&change, model, &mut self.buffer) {
+                tracing::error!(%error, "stage change not encodable: dropped");
+                continue;
+            }
+            let delivery = send(
+                &shared.producer,
+                self.topics.stage_changes,
+                change.key.id.as_bytes(),
+                &self.buffer,
+                None,
+            )
+            .await;
+            self.batch.deliveries.push((self.topics.stage_changes, delivery));
+        }
+        self.changes = changes;
+    }
+
+    async fn produce_conversions(&mut self, rules: &AttributionRules, event: &ContactEvent, now: Timestamp) {
+        let Some(key) = event.key() else { return };
+        let records = {
+            // The guard is dropped before any await.
+            let Some(state) = self.processor.shard().get(&key) else {
+                return;
+            };
+            rules.conversions(event, &state, now)
+        };
+        for record in records {
+            self.buffer.clear();
+            if let Err(error) = self.shared.encoder.conversion(&record, &mut self.buffer) {
+                tracing::error!(%error, "conversion not encodable: dropped");
+                continue;
+            }
+            let delivery = send(
+                &self.shared.producer,
+                self.topics.conversions,
+                key.id.as_bytes(),
+                &self.buffer,
+                None,
+            )
+            .await;
+            self.batch.deliveries.push((self.topics.conversions, delivery));
+        }
+    }
+
+    /// Hands the current batch to the acker.
+    async fn flush_batch(&mut self) {
+        if self.batch.deliveries.is_empty() && self.batch.finished.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(
+            &mut self.batch,
+            Batch {
+                deliveries: Vec::new(),
+                finished: Vec::new(),
+            },
+        );
+        if self.batches.send(batch).await.is_err() {
+            tracing::error!(partition = self.partition, "acknowledgement task is gone");
+        }
+    }
+
+    /// Periodic work: idle flush, idle timers, the stall watchdog, the state-size gauge.
+    fn on_tick(&mut self, queues: &[Option<PartitionQueue>; 3]) {
+        let settings = self.shared.config.tasks;
+        let metrics = &self.shared.metrics;
+        metrics
+            .state_contacts
+            .with_label_values(&[self.partition_label.as_str()])
+            .set(i64::try_from(self.processor.shard().len()).unwrap_or(i64::MAX));
+        for source in 0..3 {
+            if queues[source].is_none() || self.at_eof[source] || !self.queued[source].is_empty() {
+                continue;
+            }
+            let topic = self.shared.config.topics.inputs[source].as_str();
+            let lag = metrics
+                .consumer_lag
+                .get_metric_with_label_values(&[topic, self.partition_label.as_str()])
+                .map_or(0, |gauge| gauge.get());
+            if lag > 0 && !self.stalled[source] && self.last_record[source].elapsed() > settings.stall_timeout {
+                self.stalled[source] = true;
+                metrics.partition_stalls.with_label_values(&[topic]).inc();
+                tracing::warn!(
+                    topic,
+                    partition = self.partition,
+                    lag,
+                    seconds_without_records = self.last_record[source].elapsed().as_secs_f64(),
+                    "input partition stalled: lag but no records"
+                );
+            }
+        }
+        if !self.caught_up(queues) {
+            self.caught_up_since = None;
+            return;
+        }
+        let since = *self.caught_up_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < settings.idle_flush {
+            return;
+        }
+        if !self.reorder.is_empty() {
+            self.reorder.flush(&mut self.ready);
+            // Processing needs awaits (producer back-pressure): done by the next
+            // `process_ready`, which runs right after this tick.
+        }
+        if settings.idle_timers && self.reorder.is_empty() && self.ready.is_empty() {
+            let now = (self.shared.now)();
+            if now > self.processor.watermark() {
+                self.processor.advance_to(now, &mut self.changes);
+            }
+        }
+    }
+}
+
+/// Sends one record, waiting while the producer's queue is full.
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    headers: Option<OwnedHeaders>,
+) -> DeliveryFuture {
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        if let Some(headers) = &headers {
+            record = record.headers(headers.clone());
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => return delivery,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+            }
+            Err((error, _)) => {
+                tracing::error!(topic, %error, "cannot enqueue an output record; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Waits for each batch's acknowledgements in order, sends failed records again, then stores
+/// the input offsets the batch finished.
+async fn acknowledge(
+    shared: Arc<Shared>,
+    partition: i32,
+    trackers: Arc<Mutex<[OffsetTracker; 3]>>,
+    mut batches: mpsc::Receiver<Batch>,
+) {
+    let mut stored: [Option<i64>; 3] = [None; 3];
+    while let Some(batch) = batches.recv().await {
+        for (topic, mut delivery) in batch.deliveries {
+            loop {
+                match delivery.await {
+                    Ok(Ok(_)) => {
+                        shared.metrics.records_produced.with_label_values(&[topic]).inc();
+                        break;
+                    }
+                    Ok(Err((error, message))) => {
+                        shared.metrics.output_retries.with_label_values(&[topic]).inc();
+                        tracing::warn!(topic, %error, "output delivery failed; sending again");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        delivery = send(
+                            &shared.producer,
+                            topic,
+                            message.key().unwrap_or_default(),
+                            message.payload().unwrap_or_default(),
+                            message.headers().map(|headers| headers.as_borrowed().detach()),
+                        )
+                        .await;
+                    }
+                    Err(_) => {
+                        tracing::error!(topic, "producer gone before an acknowledgement");
+                        return;
+                    }
+                }
+            }
+        }
+        let now = (shared.now)();
+        let mut list = TopicPartitionList::new();
+        if let Ok(mut trackers) = trackers.lock() {
+            for origin in &batch.finished {
+                if origin.occurred_at != Timestamp::NEVER {
+                    let seconds = now.millis_since(origin.occurred_at) as f64 / 1000.0;
+                    shared.metrics.end_to_end_latency.observe(seconds.max(0.0));
+                }
+                if let Some(appended) = origin.appended_at {
+                    let seconds = (now.millis() - appended) as f64 / 1000.0;
+                    shared.metrics.record_latency.observe(seconds.max(0.0));
+                }
+                trackers[origin.source].finished(origin.offset);
+            }
+            for (source, tracker) in trackers.iter().enumerate() {
+                let position = tracker.position();
+                if position.is_some() && position != stored[source] {
+                    stored[source] = position;
+                    if let Some(offset) = position {
+                        let _ = list.add_partition_offset(
+                            &shared.config.topics.inputs[source],
+                            partition,
+                            Offset::Offset(offset),
+                        );
+                    }
+                }
+            }
+        }
+        if list.count() > 0 {
+            if let Err(error) = shared.consumer.store_offsets(&list) {
+                // After a revocation the partition is no longer ours: benign.
+                tracing::debug!(partition, %error, "cannot store offsets");
+            }
+        }
+    }
+}
