@@ -174,7 +174,7 @@ impl Topics {
 }
 
 /// Schema registry settings.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct RegistrySettings {
     /// Base URL.
     pub url: String,
@@ -186,6 +186,18 @@ pub struct RegistrySettings {
     pub timeout: Duration,
     /// Extra attempts for transient failures.
     pub retries: u32,
+}
+
+impl std::fmt::Debug for RegistrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrySettings")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish()
+    }
 }
 
 /// Where writer schemas come from.
