@@ -9,7 +9,8 @@
 //! one stopped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -19,7 +20,7 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use crate::config::{KafkaSettings, Topics};
@@ -61,7 +62,60 @@ pub(crate) struct ServiceContext {
     consumer: OnceLock<Weak<Consumer_>>,
     /// False while every broker is unreachable.
     pub(crate) brokers_up: Arc<AtomicBool>,
+    /// The offsets the tasks stored last, by (topic, partition): what a commit would write.
+    pub(crate) stored: Arc<StoredPositions>,
     drain_timeout: Duration,
+}
+
+/// Input positions stored for commit, and those whose commit a rebalance refused.
+#[derive(Debug, Default)]
+pub(crate) struct StoredPositions {
+    latest: Mutex<HashMap<(String, i32), i64>>,
+    /// Revoked while their commit was refused (brokers refuse commits while a rebalance is in
+    /// progress). When the partition comes back to this instance, consumption resumes here
+    /// instead of at the older committed offset, so nothing finished is read again.
+    refused: Mutex<HashMap<(String, i32), i64>>,
+}
+
+impl StoredPositions {
+    /// Notes the position stored for a partition.
+    pub(crate) fn stored(&self, topic: &str, partition: i32, offset: i64) {
+        if let Ok(mut latest) = self.latest.lock() {
+            latest.insert((topic.to_owned(), partition), offset);
+        }
+    }
+
+    fn revoked(&self, list: &TopicPartitionList, committed: bool) {
+        let (Ok(mut latest), Ok(mut refused)) = (self.latest.lock(), self.refused.lock()) else {
+            return;
+        };
+        for element in list.elements() {
+            let key = (element.topic().to_owned(), element.partition());
+            if let Some(offset) = latest.remove(&key) {
+                if !committed {
+                    refused.insert(key, offset);
+                }
+            }
+        }
+    }
+
+    /// The refused positions of `list`'s partitions; forgets every other refused position (an
+    /// assignment is complete: partitions not in it are someone else's now).
+    fn take_refused(&self, list: &TopicPartitionList) -> Vec<(String, i32, i64)> {
+        let Ok(mut refused) = self.refused.lock() else {
+            return Vec::new();
+        };
+        let found = list
+            .elements()
+            .iter()
+            .filter_map(|element| {
+                let key = (element.topic().to_owned(), element.partition());
+                refused.get(&key).map(|offset| (key.0, key.1, *offset))
+            })
+            .collect();
+        refused.clear();
+        found
+    }
 }
 
 impl ServiceContext {
@@ -77,6 +131,7 @@ impl ServiceContext {
             events,
             consumer: OnceLock::new(),
             brokers_up: Arc::new(AtomicBool::new(true)),
+            stored: Arc::default(),
             drain_timeout,
         }
     }
@@ -174,14 +229,34 @@ impl ConsumerContext for ServiceContext {
                         "revoked partitions did not drain in time; committing what is acknowledged"
                     );
                 }
-                if let Err(error) = base_consumer.commit_consumer_state(CommitMode::Sync) {
-                    if !matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::NoOffset)) {
+                let committed = match base_consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) => true,
+                    Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => true,
+                    Err(error) => {
                         self.metrics.commit_failures.inc();
-                        tracing::warn!(%error, "commit on revocation failed");
+                        tracing::warn!(%error, "commit on revocation refused; positions kept for a reassignment");
+                        false
                     }
-                }
+                };
+                self.stored.revoked(list, committed);
             }
             Rebalance::Error(error) => tracing::error!(%error, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, base_consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(list) = rebalance else { return };
+        for (topic, partition, offset) in self.stored.take_refused(list) {
+            // Back where this instance had finished, not at the older committed offset.
+            match base_consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO) {
+                Ok(()) => {
+                    let mut position = TopicPartitionList::new();
+                    let _ = position.add_partition_offset(&topic, partition, Offset::Offset(offset));
+                    let _ = base_consumer.store_offsets(&position);
+                    tracing::info!(topic, partition, offset, "resumed at the position whose commit was refused");
+                }
+                Err(error) => tracing::warn!(topic, partition, %error, "cannot resume at the refused position"),
+            }
         }
     }
 
@@ -241,12 +316,13 @@ pub(crate) fn create_producer(kafka: &KafkaSettings) -> KafkaResult<FutureProduc
 
 /// Serves the consumer's main queue (rebalances, errors) on a thread of its own until `stop`
 /// is set. Messages never arrive there: every input partition is split off on assignment;
-/// anything that does is logged.
+/// anything that does is logged. The thread drives the queue with a small runtime of its own,
+/// so it never depends on (or outlives) the service's.
 pub(crate) fn serve_main_queue(
     consumer: Arc<Consumer_>,
-    runtime: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     std::thread::Builder::new()
         .name("kafka-main-queue".into())
         .spawn(move || {
@@ -271,5 +347,4 @@ pub(crate) fn serve_main_queue(
                 }
             }
         })
-        .unwrap_or_else(|error| panic!("cannot start the consumer thread: {error}"))
 }

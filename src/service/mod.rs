@@ -113,11 +113,8 @@ pub async fn run_with_metrics(
     }));
 
     let stop_main_queue = Arc::new(AtomicBool::new(false));
-    let main_queue = kafka::serve_main_queue(
-        consumer.clone(),
-        tokio::runtime::Handle::current(),
-        stop_main_queue.clone(),
-    );
+    let main_queue = kafka::serve_main_queue(consumer.clone(), stop_main_queue.clone())
+        .context("cannot start the consumer's main-queue thread")?;
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         processing: config.processing,

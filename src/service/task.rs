@@ -374,8 +374,8 @@ impl Task {
     fn next_source(&mut self, queues: &[Option<PartitionQueue>; 3]) -> Option<usize> {
         let max_idle = self.shared.config.tasks.max_task_idle;
         let mut best: Option<usize> = None;
-        for source in 0..3 {
-            if queues[source].is_none() {
+        for (source, queue) in queues.iter().enumerate() {
+            if queue.is_none() {
                 continue;
             }
             match self.queued[source].front() {
@@ -535,8 +535,8 @@ impl Task {
             .state_contacts
             .with_label_values(&[self.partition_label.as_str()])
             .set(i64::try_from(self.processor.shard().len()).unwrap_or(i64::MAX));
-        for source in 0..3 {
-            if queues[source].is_none() || self.at_eof[source] || !self.queued[source].is_empty() {
+        for (source, queue) in queues.iter().enumerate() {
+            if queue.is_none() || self.at_eof[source] || !self.queued[source].is_empty() {
                 continue;
             }
             let topic = self.shared.config.topics.inputs[source].as_str();
@@ -662,11 +662,9 @@ async fn acknowledge(
                 if position.is_some() && position != stored[source] {
                     stored[source] = position;
                     if let Some(offset) = position {
-                        let _ = list.add_partition_offset(
-                            &shared.config.topics.inputs[source],
-                            partition,
-                            Offset::Offset(offset),
-                        );
+                        let topic = &shared.config.topics.inputs[source];
+                        let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
+                        shared.consumer.context().stored.stored(topic, partition, offset);
                     }
                 }
             }

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod broker;
+pub mod service;
+
 use std::path::PathBuf;
 
 /// Path of a file in the shared reference data, failing loudly when it is missing: a test that

@@ -1,0 +1,149 @@
+//! Running the service in-process against a broker, and reading its HTTP endpoints.
+
+use std::time::Duration;
+
+use lifecycle_scorer::config::Config;
+use lifecycle_scorer::service::{run, RunOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A configuration for `run` against `bootstrap`: the built-in default with the test's own
+/// group and `extra` TOML appended (sections the test sets).
+pub fn service_config(bootstrap: &str, group: &str, extra: &str) -> Config {
+    let text = format!(
+        r#"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+group_id = "{group}"
+statistics_interval_ms = 1000
+
+{extra}
+"#
+    );
+    Config::from_toml(&text, "test", std::iter::empty()).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// A service running on the test's runtime.
+pub struct RunningService {
+    pub address: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<anyhow::Result<std::sync::Arc<lifecycle_scorer::metrics::Metrics>>>>,
+}
+
+impl RunningService {
+    /// Starts `run` with `config`, HTTP on a free loopback port.
+    pub async fn start(config: Config) -> RunningService {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = RunOptions {
+            config_dir: std::path::PathBuf::from("."),
+            now: lifecycle_scorer::http::wall_clock,
+        };
+        let join = tokio::spawn(run(config, options, listener, async {
+            let _ = stopped.await;
+        }));
+        RunningService {
+            address,
+            stop: Some(stop),
+            join: Some(join),
+        }
+    }
+
+    /// True while `run` has not returned.
+    pub fn is_running(&self) -> bool {
+        self.join.as_ref().is_some_and(|join| !join.is_finished())
+    }
+
+    /// Asks for a graceful stop and waits (bounded) for `run` to return.
+    pub async fn stop(mut self) -> Duration {
+        let started = std::time::Instant::now();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let join = self.join.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(60), join)
+            .await
+            .expect("run returns within the shutdown bound")
+            .expect("run does not panic")
+            .expect("run ends without error");
+        started.elapsed()
+    }
+
+    /// `GET path`: status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.address, path).await
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.get("/readyz").await.0 == 200 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "service not ready in {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET over a fresh connection: status code and body.
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(address, path)
+        .await
+        .unwrap_or_else(|| panic!("GET {path} on {address} failed"))
+}
+
+/// [`http_get`], `None` when nothing answers (yet).
+pub async fn try_http_get(address: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status: u16 = text.split_whitespace().nth(1).and_then(|code| code.parse().ok())?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Some((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of one sample line (`name{labels} value`) in a Prometheus text exposition.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line[series.len()..].trim().parse().ok())
+}
+
+/// The sum of every sample of a metric whose labels include all of `labels`.
+pub fn sum_samples(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,172 @@
+//! The service on librdkafka's in-process mock cluster: two instances share the partitions of
+//! one group, and when one stops gracefully the other takes its partitions over from the
+//! committed offsets: every record is processed, none lost.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::broker::{committed_offsets, end_offsets};
+use common::service::{service_config, sum_samples, RunningService};
+use lifecycle_scorer::codec::avro::SchemaStore;
+use lifecycle_scorer::codec::json::decode_event;
+use lifecycle_scorer::codec::output::shipped_schema;
+use lifecycle_scorer::domain::Timestamp;
+use lifecycle_scorer::generate::{generate, GenerateOptions};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+const PARTITIONS: i32 = 4;
+const TOPICS: [&str; 6] = [
+    "clickstream",
+    "ad-conversions",
+    "purchases",
+    "lifecycle.stage-changes",
+    "attribution.conversions",
+    "lifecycle.dead-letters",
+];
+
+/// Generated records as (topic index, key, framed Avro).
+fn records(contacts: u64, seed: u64) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
+    let mut lines = Vec::new();
+    generate(
+        &GenerateOptions {
+            contacts,
+            days: 90,
+            seed,
+            start: Timestamp::from_millis(1_735_689_600_000),
+        },
+        &mut lines,
+        None,
+    )
+    .unwrap();
+    let mut store = SchemaStore::new();
+    for (id, file) in [
+        (1, "clickstream_event.avsc"),
+        (2, "ad_conversion_event.avsc"),
+        (3, "purchase_event.avsc"),
+    ] {
+        store.insert(id, file, shipped_schema(file).unwrap()).unwrap();
+    }
+    lines
+        .split(|byte| *byte == b'\n')
+        .filter_map(|line| decode_event(line).ok())
+        .map(|event| {
+            let source = event.source().index();
+            let key = event.key().unwrap().id.as_bytes().to_vec();
+            (source, key, store.encode(1 + source as u32, &event).unwrap())
+        })
+        .collect()
+}
+
+async fn feed(bootstrap: &str, records: &[(usize, Vec<u8>, Vec<u8>)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    let mut deliveries = Vec::new();
+    for (topic, key, payload) in records {
+        let record = FutureRecord::to(TOPICS[*topic]).key(key).payload(payload);
+        deliveries.push(producer.send_result(record).map_err(|(error, _)| error).unwrap());
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap().unwrap();
+    }
+}
+
+async fn consumed(service: &RunningService) -> (f64, String) {
+    let (_, metrics) = service.get("/metrics").await;
+    (sum_samples(&metrics, "lifecycle_events_consumed_total", &[]), metrics)
+}
+
+fn owned_partitions(metrics: &str) -> usize {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("lifecycle_state_contacts{"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_instance_hands_its_partitions_over_without_losing_records() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    for topic in TOPICS {
+        cluster.create_topic(topic, PARTITIONS, 1).unwrap();
+    }
+    let all = records(1_500, 3);
+    let (first, second) = all.split_at(all.len() / 2);
+    feed(&bootstrap, first).await;
+
+    let settings = "[service]\nidle_timers = false\nidle_flush_ms = 200\nshutdown_timeout_seconds = 20\n";
+    let a = RunningService::start(service_config(&bootstrap, "handover", settings)).await;
+    let b = RunningService::start(service_config(&bootstrap, "handover", settings)).await;
+    a.wait_ready(Duration::from_secs(60)).await;
+    b.wait_ready(Duration::from_secs(60)).await;
+
+    // Both instances own partitions, and together process the first half.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ((in_a, metrics_a), (in_b, metrics_b)) = (consumed(&a).await, consumed(&b).await);
+        let split = owned_partitions(&metrics_a) + owned_partitions(&metrics_b) == PARTITIONS as usize
+            && owned_partitions(&metrics_a) > 0
+            && owned_partitions(&metrics_b) > 0;
+        if split && in_a + in_b >= first.len() as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "first half not processed: {in_a} + {in_b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (in_a, metrics_a) = consumed(&a).await;
+    a.stop().await;
+    // B takes A's partitions over from A's committed offsets and processes the rest.
+    feed(&bootstrap, second).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Done when everything is read and nothing more gets processed for a while (the last
+    // records wait for the idle flush).
+    let mut last = (0.0, Instant::now());
+    let (in_b, metrics_b) = loop {
+        let (in_b, metrics_b) = consumed(&b).await;
+        if in_b != last.0 {
+            last = (in_b, Instant::now());
+        }
+        let settled = last.1.elapsed() > Duration::from_secs(1);
+        if settled && in_a + in_b >= all.len() as f64 && owned_partitions(&metrics_b) == PARTITIONS as usize {
+            break (in_b, metrics_b);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not taken over: {in_a} + {in_b} of {}",
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(sum_samples(&metrics_b, "lifecycle_rebalances_total", &[r#"kind="revoke""#]) >= 1.0);
+    assert_eq!(sum_samples(&metrics_b, "lifecycle_dead_letters_total", &[]), 0.0);
+    // Nothing is lost. Records are read twice only when a commit was refused (brokers refuse
+    // commits while a rebalance is in progress): then an instance resumes from the last
+    // commit that succeeded. Either way the refusal is counted.
+    let overlap = in_a + in_b - all.len() as f64;
+    assert!(overlap >= 0.0, "records lost: {overlap}");
+    let refused = sum_samples(&metrics_a, "lifecycle_commit_failures_total", &[])
+        + sum_samples(&metrics_b, "lifecycle_commit_failures_total", &[]);
+    eprintln!(
+        "records read twice: {overlap} of {}; commits refused: {refused}",
+        all.len()
+    );
+    assert!(
+        overlap <= all.len() as f64 * 0.02 || refused > 0.0,
+        "{overlap} records read twice with no refused commit"
+    );
+    b.stop().await;
+    for topic in &TOPICS[..3] {
+        assert_eq!(
+            committed_offsets(&bootstrap, "handover", topic).await,
+            end_offsets(&bootstrap, topic).await,
+            "{topic}: a graceful stop commits everything"
+        );
+    }
+}
