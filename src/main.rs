@@ -47,8 +47,9 @@ enum Command {
     /// dead letters, serve /metrics, /healthz, /readyz, /contacts/{id} and /stages. Stops
     /// gracefully on SIGTERM or SIGINT.
     Run {
-        /// Configuration file (default: the built-in default).
-        #[arg(long, conflicts_with = "embedded")]
+        /// Configuration file (default: the built-in default). With --embedded, its broker
+        /// address and input formats are replaced by the embedded ones.
+        #[arg(long)]
         config: Option<PathBuf>,
         /// Start librdkafka's mock cluster in process, feed it a generated stream and run
         /// against it: the whole service with no external broker.

@@ -101,7 +101,8 @@ async fn a_stopped_instance_hands_its_partitions_over_without_losing_records() {
     let (first, second) = all.split_at(all.len() / 2);
     feed(&bootstrap, first).await;
 
-    let settings = "[service]\nidle_timers = false\nidle_flush_ms = 200\nshutdown_timeout_seconds = 20\n";
+    // The mock broker ignores a member's leave: a short session makes the takeover quick.
+    let settings = "[kafka.consumer_properties]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n\n[service]\nidle_timers = false\nidle_flush_ms = 200\nshutdown_timeout_seconds = 20\n";
     let a = RunningService::start(service_config(&bootstrap, "handover", settings)).await;
     let b = RunningService::start(service_config(&bootstrap, "handover", settings)).await;
     a.wait_ready(Duration::from_secs(60)).await;

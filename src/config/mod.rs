@@ -234,7 +234,20 @@ impl Config {
                     if service::SERVICE_SECTIONS.contains(&section.as_str()) =>
                 {
                     for (field, value) in defaults {
-                        theirs.entry(field).or_insert(value);
+                        match (theirs.get_mut(&field), value) {
+                            (None, value) => {
+                                theirs.insert(field, value);
+                            }
+                            // librdkafka properties too: setting one keeps the others.
+                            (Some(toml::Value::Table(their_map)), toml::Value::Table(default_map))
+                                if section == "kafka" && field.ends_with("properties") =>
+                            {
+                                for (key, value) in default_map {
+                                    their_map.entry(key).or_insert(value);
+                                }
+                            }
+                            (Some(_), _) => {}
+                        }
                     }
                 }
                 (Some(_), _) => {}
@@ -740,6 +753,70 @@ min_churn_risk = 1.5
         .unwrap_err()
         .to_string();
         assert!(error.contains("late_event_grace_hours"), "{error}");
+    }
+
+    #[test]
+    fn service_sections_keep_the_defaults_of_fields_a_file_leaves_out() {
+        let config = load(
+            "[kafka]\nbootstrap_servers = \"broker-1:9092\"\n[kafka.consumer_properties]\n\"session.timeout.ms\" = 6000\n",
+        )
+        .unwrap();
+        let service = &config.service;
+        assert_eq!(service.kafka.bootstrap_servers, "broker-1:9092");
+        assert_eq!(service.kafka.group_id, "lifecycle-scorer");
+        let consumer = &service.kafka.consumer_properties;
+        assert_eq!(consumer["session.timeout.ms"], "6000");
+        assert_eq!(
+            consumer["partition.assignment.strategy"], "range",
+            "defaults kept beside it"
+        );
+        assert_eq!(service.kafka.producer_properties["acks"], "all");
+        assert_eq!(service.topics.inputs, ["clickstream", "ad-conversions", "purchases"]);
+        assert_eq!(service.input_formats, [InputFormat::Avro; 3]);
+        assert_eq!(service.schemas.files.len(), 3);
+        assert!(service.attribution.as_ref().is_some_and(|rules| rules.rules.len() == 6));
+        assert_eq!(service.tasks.shutdown_timeout, std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn service_problems_name_their_field() {
+        let error = load(
+            r#"
+[kafka.properties]
+"group.id" = "sneaky"
+[topics]
+purchases = "bad topic!"
+dead_letters = "clickstream"
+[output]
+format = "avro"
+[schemas]
+registry_url = "registry:8081"
+files = {}
+[http]
+listen = "everywhere"
+[service]
+shutdown_timeout_seconds = 0
+[attribution]
+rules = [{ on = "purchase:exploded", meta = "Purchase" }, { on = "purchase:*" }]
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "kafka.consumer_properties.\"group.id\"",
+            "topics.purchases: `bad topic!` is not a valid topic name",
+            "topics.dead_letters: `clickstream` is already used by topics.clickstream",
+            "output.stage_change_schema_id: required when output.format = \"avro\"",
+            "schemas.registry_url: must start with http:// or https://",
+            "http.listen: `everywhere` is not an address:port",
+            "service.shutdown_timeout_seconds: must be a positive number",
+            "attribution.rules[0].on",
+            "attribution.rules[1]: names no platform event",
+        ] {
+            assert!(error.contains(expected), "missing `{expected}` in:\n{error}");
+        }
+        let error = load("[schemas]\nfiles = {}\n").unwrap_err().to_string();
+        assert!(error.contains("an Avro input needs schemas"), "{error}");
     }
 
     #[test]
