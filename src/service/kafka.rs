@@ -8,8 +8,8 @@
 //! have drained and their offsets are committed, so the next owner starts exactly where this
 //! one stopped.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -253,7 +253,12 @@ impl ConsumerContext for ServiceContext {
                     let mut position = TopicPartitionList::new();
                     let _ = position.add_partition_offset(&topic, partition, Offset::Offset(offset));
                     let _ = base_consumer.store_offsets(&position);
-                    tracing::info!(topic, partition, offset, "resumed at the position whose commit was refused");
+                    tracing::info!(
+                        topic,
+                        partition,
+                        offset,
+                        "resumed at the position whose commit was refused"
+                    );
                 }
                 Err(error) => tracing::warn!(topic, partition, %error, "cannot resume at the refused position"),
             }
