@@ -14,22 +14,11 @@ use apache_avro::types::Value as Avro;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use common::broker::{consume_all, create_topics, produce, unique_name, Record, Tansu, TopicSpec};
-use common::service::{service_config, sum_samples, RunningService};
-use lifecycle_scorer::codec::avro::SchemaStore;
-use lifecycle_scorer::codec::json::{decode_event, encode_event};
-use lifecycle_scorer::codec::output::shipped_schema;
+use common::service::{generated_events, service_config, sum_samples, RunningService, TOPICS};
+use lifecycle_scorer::codec::json::encode_event;
+use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store, shipped_schema};
 use lifecycle_scorer::domain::{ContactEvent, EventBody, Source, Timestamp};
-use lifecycle_scorer::generate::{generate, GenerateOptions};
 use serde_json::Value;
-
-const TOPICS: [&str; 6] = [
-    "clickstream",
-    "ad-conversions",
-    "purchases",
-    "lifecycle.stage-changes",
-    "attribution.conversions",
-    "lifecycle.dead-letters",
-];
 
 /// A writer schema derived from a shipped one by `change`, as an upstream team might evolve it.
 fn variant(file: &str, change: impl FnOnce(&mut Value)) -> String {
@@ -124,38 +113,16 @@ async fn bad_records_are_dead_lettered_with_their_reason_and_the_rest_is_process
         std::fs::write(dir.path().join(name), text).unwrap();
     }
 
-    let mut store = SchemaStore::new();
-    for (id, file) in [
-        (1, "clickstream_event.avsc"),
-        (2, "ad_conversion_event.avsc"),
-        (3, "purchase_event.avsc"),
-    ] {
-        store.insert(id, file, shipped_schema(file).unwrap()).unwrap();
-    }
+    let mut store = shipped_input_store().unwrap();
     store.insert(7, "v7", &without_order_id).unwrap();
     store.insert(9, "v9", &more_click_types).unwrap();
 
     // The valid stream: Avro clickstream and purchases, JSON ad conversions.
-    let mut lines = Vec::new();
-    generate(
-        &GenerateOptions {
-            contacts: 300,
-            days: 60,
-            seed: 5,
-            start: Timestamp::from_millis(1_735_689_600_000),
-        },
-        &mut lines,
-        None,
-    )
-    .unwrap();
-    let events: Vec<ContactEvent> = lines
-        .split(|byte| *byte == b'\n')
-        .filter_map(|line| decode_event(line).ok())
-        .collect();
+    let events = generated_events(300, 60, 5);
     let encode = |event: &ContactEvent| -> Vec<u8> {
         match event.source() {
             Source::AdConversion => encode_event(event).into_bytes(),
-            source => store.encode(1 + source.index() as u32, event).unwrap(),
+            source => store.encode(shipped_input_schema_id(source), event).unwrap(),
         }
     };
     let mut per_topic: [Vec<Record>; 3] = Default::default();

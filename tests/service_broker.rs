@@ -11,60 +11,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::broker::{
-    committed_offsets, consume_all, create_topics, end_offsets, produce, unique_name, Record, Tansu, TopicSpec,
+    committed_offsets, consume_all, consume_to_end, create_topics, end_offsets, produce, unique_name, Record, Tansu,
+    TopicSpec,
 };
-use common::service::{service_config, sum_samples, RunningService};
+use common::service::{generated_events, service_config, sum_samples, RunningService, TOPICS};
 use lifecycle_scorer::attribution::{normalise_email, sha256_hex};
-use lifecycle_scorer::codec::avro::SchemaStore;
-use lifecycle_scorer::codec::json::{decode_event, encode_event};
-use lifecycle_scorer::codec::output::shipped_schema;
+use lifecycle_scorer::codec::json::encode_event;
+use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store};
 use lifecycle_scorer::domain::{ContactEvent, EventBody, PurchaseStatus, Source};
-use lifecycle_scorer::generate::{generate, GenerateOptions};
 use lifecycle_scorer::replay::{replay, ReplayOptions};
 use serde_json::Value;
 
 const PARTITIONS: i32 = 4;
-const TOPICS: [&str; 6] = [
-    "clickstream",
-    "ad-conversions",
-    "purchases",
-    "lifecycle.stage-changes",
-    "attribution.conversions",
-    "lifecycle.dead-letters",
-];
-
-fn generated_events(contacts: u64, seed: u64) -> Vec<ContactEvent> {
-    let mut lines = Vec::new();
-    generate(
-        &GenerateOptions {
-            contacts,
-            days: 120,
-            seed,
-            start: lifecycle_scorer::codec::parse_time_argument("2025-01-01").unwrap(),
-        },
-        &mut lines,
-        None,
-    )
-    .unwrap();
-    lines
-        .split(|byte| *byte == b'\n')
-        .filter_map(|line| decode_event(line).ok())
-        .filter(|event| event.key().is_some())
-        .collect()
-}
-
-fn avro_store() -> SchemaStore {
-    let mut store = SchemaStore::new();
-    for (id, file) in [
-        (1, "clickstream_event.avsc"),
-        (2, "ad_conversion_event.avsc"),
-        (3, "purchase_event.avsc"),
-    ] {
-        store.insert(id, file, shipped_schema(file).unwrap()).unwrap();
-    }
-    store
-}
-
 /// What `replay` publishes for `events` with the service's partitioning, as canonical JSON.
 fn replay_changes(events: &[ContactEvent]) -> Vec<String> {
     let config = lifecycle_scorer::config::Config::builtin().unwrap();
@@ -107,13 +65,13 @@ async fn run_publishes_exactly_what_replay_gives_and_commits_everything() {
         .collect();
     create_topics(&bootstrap, &specs).await;
 
-    let events = generated_events(3_000, 11);
+    let events = generated_events(3_000, 120, 11);
     assert!(events.len() >= 20_000, "only {} events", events.len());
-    let store = avro_store();
+    let store = shipped_input_store().unwrap();
     let mut per_topic: [Vec<Record>; 3] = Default::default();
     for event in &events {
         let source = event.source();
-        let payload = store.encode(1 + source.index() as u32, event).unwrap();
+        let payload = store.encode(shipped_input_schema_id(source), event).unwrap();
         per_topic[source.index()].push(Record::new(event.key().unwrap().id.as_bytes().to_vec(), payload));
     }
     for (source, records) in per_topic.iter().enumerate() {
@@ -218,7 +176,7 @@ async fn check_conversions(bootstrap: &str, events: &[ContactEvent]) {
         .filter(|event| matches!(&event.body, EventBody::Purchase(purchase) if purchase.status == PurchaseStatus::Completed))
         .collect();
     assert!(!purchases.is_empty());
-    let records = consume_all(bootstrap, TOPICS[4], usize::MAX, Duration::from_secs(20)).await;
+    let records = consume_to_end(bootstrap, TOPICS[4], Duration::from_secs(60)).await;
     let mut by_order: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for record in &records {
         let value: Value = serde_json::from_str(record.payload_str()).unwrap();

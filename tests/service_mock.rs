@@ -9,55 +9,27 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::broker::{committed_offsets, end_offsets};
-use common::service::{service_config, sum_samples, RunningService};
-use lifecycle_scorer::codec::avro::SchemaStore;
-use lifecycle_scorer::codec::json::decode_event;
-use lifecycle_scorer::codec::output::shipped_schema;
-use lifecycle_scorer::domain::Timestamp;
-use lifecycle_scorer::generate::{generate, GenerateOptions};
+use common::service::{generated_events, service_config, sum_samples, RunningService, TOPICS};
+use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
 const PARTITIONS: i32 = 4;
-const TOPICS: [&str; 6] = [
-    "clickstream",
-    "ad-conversions",
-    "purchases",
-    "lifecycle.stage-changes",
-    "attribution.conversions",
-    "lifecycle.dead-letters",
-];
 
 /// Generated records as (topic index, key, framed Avro).
 fn records(contacts: u64, seed: u64) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
-    let mut lines = Vec::new();
-    generate(
-        &GenerateOptions {
-            contacts,
-            days: 90,
-            seed,
-            start: Timestamp::from_millis(1_735_689_600_000),
-        },
-        &mut lines,
-        None,
-    )
-    .unwrap();
-    let mut store = SchemaStore::new();
-    for (id, file) in [
-        (1, "clickstream_event.avsc"),
-        (2, "ad_conversion_event.avsc"),
-        (3, "purchase_event.avsc"),
-    ] {
-        store.insert(id, file, shipped_schema(file).unwrap()).unwrap();
-    }
-    lines
-        .split(|byte| *byte == b'\n')
-        .filter_map(|line| decode_event(line).ok())
+    let store = shipped_input_store().unwrap();
+    generated_events(contacts, 90, seed)
+        .into_iter()
         .map(|event| {
-            let source = event.source().index();
+            let source = event.source();
             let key = event.key().unwrap().id.as_bytes().to_vec();
-            (source, key, store.encode(1 + source as u32, &event).unwrap())
+            (
+                source.index(),
+                key,
+                store.encode(shipped_input_schema_id(source), &event).unwrap(),
+            )
         })
         .collect()
 }

@@ -38,6 +38,25 @@ pub fn shipped_schema(file_name: &str) -> Option<&'static str> {
         .map(|(_, text)| *text)
 }
 
+/// The shipped input schemas under the ids the built-in configuration maps them to
+/// (`[schemas.files]`: 1 clickstream, 2 ad conversions, 3 purchases): for feeding and tests.
+pub fn shipped_input_store() -> Result<super::avro::SchemaStore, SchemaError> {
+    let mut store = super::avro::SchemaStore::new();
+    for (id, file) in [
+        (1, "clickstream_event.avsc"),
+        (2, "ad_conversion_event.avsc"),
+        (3, "purchase_event.avsc"),
+    ] {
+        store.insert(id, file, shipped_schema(file).unwrap_or_default())?;
+    }
+    Ok(store)
+}
+
+/// The schema id [`shipped_input_store`] holds a source's schema under.
+pub fn shipped_input_schema_id(source: crate::domain::Source) -> u32 {
+    1 + source.index() as u32
+}
+
 /// Why an output could not be encoded (a bug or a schema mismatch: never the input's fault).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot encode {what}: {message}")]

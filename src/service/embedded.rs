@@ -17,9 +17,8 @@ use rdkafka::ClientConfig;
 use serde::Serialize;
 
 use super::RunOptions;
-use crate::codec::avro::SchemaStore;
 use crate::codec::json::decode_event;
-use crate::codec::output::shipped_schema;
+use crate::codec::output::{shipped_input_schema_id, shipped_input_store};
 use crate::config::{Config, InputFormat};
 use crate::domain::{Source, Timestamp};
 use crate::generate::{generate, GenerateOptions};
@@ -247,21 +246,13 @@ fn encode_stream(options: &EmbeddedOptions) -> anyhow::Result<Vec<Feed>> {
         &mut lines,
         None,
     )?;
-    let mut store = SchemaStore::new();
-    for (id, file) in [
-        (1, "clickstream_event.avsc"),
-        (2, "ad_conversion_event.avsc"),
-        (3, "purchase_event.avsc"),
-    ] {
-        store.insert(id, file, shipped_schema(file).unwrap_or_default())?;
-    }
+    let store = shipped_input_store()?;
     let mut records = Vec::new();
     for line in lines.split(|byte| *byte == b'\n').filter(|line| !line.is_empty()) {
         // The generator's deliberately bad lines have no place in an Avro topic.
         let Ok(event) = decode_event(line) else { continue };
         let Some(key) = event.key() else { continue };
-        let id = 1 + event.source().index() as u32;
-        let record = store.encode(id, &event)?;
+        let record = store.encode(shipped_input_schema_id(event.source()), &event)?;
         records.push((event.source(), key.id.as_bytes().to_vec(), record));
     }
     Ok(records)

@@ -2,11 +2,45 @@
 
 use std::time::Duration;
 
+use lifecycle_scorer::codec::json::decode_event;
 use lifecycle_scorer::config::Config;
+use lifecycle_scorer::domain::{ContactEvent, Timestamp};
+use lifecycle_scorer::generate::{generate, GenerateOptions};
 use lifecycle_scorer::service::{run, RunOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+/// The default topic names: the three inputs, then stage changes, conversions, dead letters.
+pub const TOPICS: [&str; 6] = [
+    "clickstream",
+    "ad-conversions",
+    "purchases",
+    "lifecycle.stage-changes",
+    "attribution.conversions",
+    "lifecycle.dead-letters",
+];
+
+/// A generated stream from 2025-01-01, without the generator's deliberately bad lines.
+pub fn generated_events(contacts: u64, days: u32, seed: u64) -> Vec<ContactEvent> {
+    let mut lines = Vec::new();
+    generate(
+        &GenerateOptions {
+            contacts,
+            days,
+            seed,
+            start: Timestamp::from_millis(1_735_689_600_000),
+        },
+        &mut lines,
+        None,
+    )
+    .expect("generate");
+    lines
+        .split(|byte| *byte == b'\n')
+        .filter_map(|line| decode_event(line).ok())
+        .filter(|event| event.key().is_some())
+        .collect()
+}
 
 /// A configuration for `run` against `bootstrap`: the built-in default with the test's own
 /// group and `extra` TOML appended (sections the test sets).
