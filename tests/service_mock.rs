@@ -1,16 +1,20 @@
 //! The service on librdkafka's in-process mock cluster: two instances share the partitions of
 //! one group, and when one stops gracefully the other takes its partitions over from the
-//! committed offsets: every record is processed, none lost.
+//! committed offsets: every record is processed, none lost. Writer schemas come from a schema
+//! registry.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::broker::{committed_offsets, end_offsets};
 use common::service::{generated_events, service_config, sum_samples, RunningService, TOPICS};
-use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store};
+use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store, shipped_schema};
+use lifecycle_scorer::domain::Source;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -142,4 +146,105 @@ async fn a_stopped_instance_hands_its_partitions_over_without_losing_records() {
             "{topic}: a graceful stop commits everything"
         );
     }
+}
+
+/// A schema registry that knows one evolved purchase schema, counting its requests.
+async fn fake_registry(id: u32, schema: String) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    let app = axum::Router::new().route(
+        "/schemas/ids/{id}",
+        axum::routing::get(move |axum::extract::Path(asked): axum::extract::Path<u32>| {
+            let counted = counted.clone();
+            let schema = schema.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                if asked == id {
+                    (
+                        axum::http::StatusCode::OK,
+                        serde_json::json!({ "schema": schema }).to_string(),
+                    )
+                } else {
+                    (
+                        axum::http::StatusCode::NOT_FOUND,
+                        r#"{"error_code":40403,"message":"Schema not found"}"#.to_owned(),
+                    )
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (address, requests)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writer_schemas_come_from_the_registry_once_and_unknown_ids_are_dead_lettered() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    for topic in TOPICS {
+        cluster.create_topic(topic, PARTITIONS, 1).unwrap();
+    }
+    // The upstream team added a field: a backward-compatible change under a new id.
+    let mut evolved: serde_json::Value = serde_json::from_str(shipped_schema("purchase_event.avsc").unwrap()).unwrap();
+    evolved["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "coupon", "type": ["null", "string"], "default": null}));
+    let evolved = evolved.to_string();
+    let (registry, requests) = fake_registry(42, evolved.clone()).await;
+
+    let mut store = shipped_input_store().unwrap();
+    store.insert(42, "evolved", &evolved).unwrap();
+    let purchases: Vec<_> = generated_events(400, 60, 9)
+        .into_iter()
+        .filter(|event| event.source() == Source::Purchase)
+        .collect();
+    assert!(purchases.len() > 50);
+    let mut records: Vec<(usize, Vec<u8>, Vec<u8>)> = purchases
+        .iter()
+        .map(|event| {
+            (
+                2,
+                event.key().unwrap().id.as_bytes().to_vec(),
+                store.encode(42, event).unwrap(),
+            )
+        })
+        .collect();
+    let mut unknown = store.encode(42, &purchases[0]).unwrap();
+    unknown[1..5].copy_from_slice(&43u32.to_be_bytes());
+    records.push((2, b"someone".to_vec(), unknown));
+    feed(&bootstrap, &records).await;
+
+    let settings = format!(
+        "[schemas]\nregistry_url = \"http://{registry}\"\nregistry_timeout_ms = 2000\n\n[service]\nidle_timers = false\nidle_flush_ms = 200\n"
+    );
+    let service = RunningService::start(service_config(&bootstrap, "registry", &settings)).await;
+    service.wait_ready(Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let metrics = loop {
+        let (_, metrics) = service.get("/metrics").await;
+        if sum_samples(&metrics, "lifecycle_events_consumed_total", &[]) as usize >= records.len() {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "not processed in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let dead = sum_samples(
+        &metrics,
+        "lifecycle_decode_errors_total",
+        &[r#"reason="unknown_schema_id""#],
+    );
+    assert_eq!(dead, 1.0, "the id the registry does not know is dead-lettered");
+    let processed = sum_samples(&metrics, "lifecycle_events_consumed_total", &[r#"outcome="processed""#])
+        + sum_samples(&metrics, "lifecycle_events_consumed_total", &[r#"outcome="duplicate""#]);
+    assert_eq!(
+        processed as usize,
+        purchases.len(),
+        "every record of the evolved schema decoded"
+    );
+    // Id 42 fetched once for all partitions (shared cache), id 43 once (remembered as unknown).
+    assert_eq!(requests.load(Ordering::SeqCst), 2);
+    service.stop().await;
 }
