@@ -179,6 +179,8 @@ struct Task {
     ready: Vec<(ContactEvent, Origin)>,
     changes: Vec<StageChange>,
     buffer: Vec<u8>,
+    /// `events_consumed` by input and outcome (processed, duplicate, late), resolved once.
+    consumed: [[prometheus::IntCounter; 3]; 3],
 }
 
 fn leak(name: &str) -> &'static str {
@@ -201,6 +203,14 @@ impl Task {
             dead_letters: leak(&config.topics.dead_letters),
         };
         let processor = Processor::new(shared.engine.clone(), shard, shared.processing);
+        let consumed = std::array::from_fn(|source| {
+            [outcome::PROCESSED, outcome::DUPLICATE, outcome::LATE].map(|label| {
+                shared
+                    .metrics
+                    .events_consumed
+                    .with_label_values(&[config.topics.inputs[source].as_str(), label])
+            })
+        });
         let now = Instant::now();
         Task {
             partition,
@@ -224,6 +234,7 @@ impl Task {
             ready: Vec::new(),
             changes: Vec::new(),
             buffer: Vec::with_capacity(1024),
+            consumed,
             shared,
         }
     }
@@ -438,16 +449,12 @@ impl Task {
         let mut released = std::mem::take(&mut self.ready);
         for (event, origin) in released.drain(..) {
             let applied = self.processor.process(&event, &mut self.changes);
-            let label = match applied {
-                Applied::Applied => outcome::PROCESSED,
-                Applied::Duplicate => outcome::DUPLICATE,
-                Applied::TooLate => outcome::LATE,
+            let outcome = match applied {
+                Applied::Applied => 0,
+                Applied::Duplicate => 1,
+                Applied::TooLate => 2,
             };
-            shared
-                .metrics
-                .events_consumed
-                .with_label_values(&[shared.config.topics.inputs[origin.source].as_str(), label])
-                .inc();
+            self.consumed[origin.source][outcome].inc();
             self.produce_changes().await;
             if applied != Applied::Duplicate {
                 if let Some(rules) = &shared.config.attribution {
