@@ -80,11 +80,21 @@ impl<T> ReorderBuffer<T> {
     pub fn push(&mut self, event: ContactEvent, tag: T, ready: &mut Vec<(ContactEvent, T)>) {
         self.high_water = self.high_water.max(event.occurred_at);
         self.pending.push(Reverse(Pending(event, tag)));
-        let release_to = self.high_water.plus_millis(-self.window_millis);
+        self.release_through(self.high_water.plus_millis(-self.window_millis), ready);
+    }
+
+    /// The window, in milliseconds.
+    pub fn window_millis(&self) -> i64 {
+        self.window_millis
+    }
+
+    /// Releases, in canonical order, every event that happened at or before `at` (a caught-up
+    /// partition: the wall clock stands in for the event time no later input will undercut).
+    pub fn release_through(&mut self, at: Timestamp, ready: &mut Vec<(ContactEvent, T)>) {
         while self
             .pending
             .peek()
-            .is_some_and(|Reverse(next)| next.0.occurred_at <= release_to)
+            .is_some_and(|Reverse(next)| next.0.occurred_at <= at)
         {
             if let Some(Reverse(Pending(event, tag))) = self.pending.pop() {
                 ready.push((event, tag));
@@ -184,5 +194,9 @@ mod tests {
             .collect();
         assert_eq!(ids, [("e1", 1)], "only what the window has passed, with its tag");
         assert_eq!(buffer.len(), 2);
+        ready.clear();
+        buffer.release_through(Timestamp::from_millis(1_700_000_000_600), &mut ready);
+        let ids: Vec<&str> = ready.iter().map(|(event, _)| event.event_id.as_str()).collect();
+        assert_eq!(ids, ["e0"], "what happened by then, nothing later");
     }
 }

@@ -567,6 +567,11 @@ impl Task {
             self.caught_up_since = None;
             return;
         }
+        // Caught up: nothing read later can be older than the wall clock minus the window, so
+        // what happened before that goes now rather than when later events push it out.
+        let now = (self.shared.now)();
+        self.reorder
+            .release_through(now.plus_millis(-self.reorder.window_millis()), &mut self.ready);
         let since = *self.caught_up_since.get_or_insert_with(Instant::now);
         if since.elapsed() < settings.idle_flush {
             return;
@@ -576,11 +581,9 @@ impl Task {
             // Processing needs awaits (producer back-pressure): done by the next
             // `process_ready`, which runs right after this tick.
         }
-        if settings.idle_timers && self.reorder.is_empty() && self.ready.is_empty() {
-            let now = (self.shared.now)();
-            if now > self.processor.watermark() {
-                self.processor.advance_to(now, &mut self.changes);
-            }
+        if settings.idle_timers && self.reorder.is_empty() && self.ready.is_empty() && now > self.processor.watermark()
+        {
+            self.processor.advance_to(now, &mut self.changes);
         }
     }
 }
