@@ -1,7 +1,7 @@
 //! Writer schemas of Avro input: the configured id -> file mapping, then the registry.
 //!
-//! Each partition task keeps its own [`SchemaStore`] (readers are built once per task and
-//! schema); the registry client, with its cache, is shared.
+//! Each partition task keeps its own [`SchemaStore`] (a writer schema is compiled into a decode
+//! plan once per task); the registry client, with its cache, is shared.
 
 use std::path::Path;
 use std::time::Duration;
