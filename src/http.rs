@@ -71,6 +71,12 @@ impl OwnedShards {
     }
 }
 
+/// Tells which instance serves a partition this one does not own.
+pub trait OwnerDirectory: Send + Sync + std::fmt::Debug {
+    /// The advertised base URL of the instance owning `partition`, if known.
+    fn owner(&self, partition: u32) -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send + '_>>;
+}
+
 /// What the handlers read.
 #[derive(Debug)]
 pub struct QueryState {
@@ -84,6 +90,8 @@ pub struct QueryState {
     pub ready: Arc<AtomicBool>,
     /// The current time (the wall clock in the service; fixed in tests).
     pub now: fn() -> Timestamp,
+    /// Who owns the partitions this instance does not (none: answer with the partition only).
+    pub owners: Option<Arc<dyn OwnerDirectory>>,
 }
 
 /// The wall clock, for [`QueryState::now`].
@@ -160,6 +168,15 @@ struct ErrorAnswer {
     partition: u32,
 }
 
+/// `421`: another instance owns the contact's partition.
+#[derive(Debug, Serialize)]
+struct ElsewhereAnswer {
+    error: &'static str,
+    partition: u32,
+    /// The owning instance's base URL, when the group says.
+    owner: Option<String>,
+}
+
 async fn contact(
     State(state): State<Arc<QueryState>>,
     Path(id): Path<String>,
@@ -172,12 +189,25 @@ async fn contact(
     };
     let partition = partition_for(id.as_bytes(), state.shards.partitions);
     let Some(shard) = state.shards.get(partition) else {
-        // Another instance of the group owns it.
-        let answer = ErrorAnswer {
-            error: "the contact's partition is not owned by this instance",
-            partition,
+        // Another instance of the group owns it: say which, and where to ask.
+        let owner = match &state.owners {
+            Some(owners) => owners.owner(partition).await,
+            None => None,
         };
-        return (StatusCode::MISDIRECTED_REQUEST, Json(answer)).into_response();
+        let location = owner.as_ref().map(|owner| {
+            let suffix = if query.anonymous { "?anonymous=true" } else { "" };
+            format!("{}/contacts/{id}{suffix}", owner.trim_end_matches('/'))
+        });
+        let answer = ElsewhereAnswer {
+            error: "the contact's partition is owned by another instance",
+            partition,
+            owner,
+        };
+        let mut response = (StatusCode::MISDIRECTED_REQUEST, Json(answer)).into_response();
+        if let Some(location) = location.and_then(|location| header::HeaderValue::from_str(&location).ok()) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        return response;
     };
     let now = (state.now)();
     let answer = shard.get(&key).map(|contact| ContactAnswer {

@@ -66,6 +66,7 @@ async fn serves_metrics_health_readiness_and_contacts() {
         metrics,
         ready: ready.clone(),
         now: fixed_now,
+        owners: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

@@ -1,6 +1,7 @@
 //! The service on librdkafka's in-process mock cluster: two instances share the partitions of
-//! one group, and when one stops gracefully the other takes its partitions over from the
-//! committed offsets: every record is processed, none lost. Writer schemas come from a schema
+//! one group and name each other as the owners of contacts they do not hold; when one stops
+//! gracefully the other takes its partitions over from the committed offsets: every record is
+//! processed, none lost. Writer schemas come from a schema
 //! registry.
 
 #![allow(clippy::unwrap_used)]
@@ -15,6 +16,7 @@ use common::broker::{committed_offsets, end_offsets};
 use common::service::{generated_events, service_config, sum_samples, RunningService, TOPICS};
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store, shipped_schema};
 use lifecycle_scorer::domain::Source;
+use lifecycle_scorer::partition::partition_for;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -97,6 +99,27 @@ async fn a_stopped_instance_hands_its_partitions_over_without_losing_records() {
         assert!(Instant::now() < deadline, "first half not processed: {in_a} + {in_b}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Asked about a contact of B's, A names B (from the instances topic).
+    let (_, metrics_b) = consumed(&b).await;
+    let owned_by_b: Vec<u32> = metrics_b
+        .lines()
+        .filter_map(|line| line.strip_prefix("lifecycle_state_contacts{partition=\""))
+        .filter_map(|rest| rest.split('"').next()?.parse().ok())
+        .collect();
+    let key = first
+        .iter()
+        .map(|(_, key, _)| String::from_utf8(key.clone()).unwrap())
+        .find(|key| owned_by_b.contains(&partition_for(key.as_bytes(), PARTITIONS as u32)))
+        .unwrap();
+    let (status, body) = a.get(&format!("/contacts/{key}")).await;
+    assert_eq!(status, 421, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["owner"], format!("http://{}", b.address), "{body}");
+    // The key is a contact id or, for anonymous visitors, an anonymous id.
+    let (as_contact, _) = b.get(&format!("/contacts/{key}")).await;
+    let (as_anonymous, _) = b.get(&format!("/contacts/{key}?anonymous=true")).await;
+    assert!(as_contact == 200 || as_anonymous == 200, "B holds it");
+
     let (in_a, metrics_a) = consumed(&a).await;
     a.stop().await;
     // B takes A's partitions over from A's committed offsets and processes the rest.

@@ -49,6 +49,7 @@ pub(super) struct RawTopics {
     stage_changes: String,
     conversions: String,
     dead_letters: String,
+    instances: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +102,7 @@ struct RawConversionRule {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHttp {
     listen: String,
+    advertised_url: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +164,8 @@ pub struct Topics {
     pub conversions: String,
     /// Undecodable or invalid input records out.
     pub dead_letters: String,
+    /// Which instance owns which input partition (compacted; written and read by the service).
+    pub instances: String,
 }
 
 impl Topics {
@@ -248,6 +252,9 @@ pub struct ServiceConfig {
     pub attribution: Option<AttributionRules>,
     /// HTTP listen address.
     pub listen: SocketAddr,
+    /// The base URL other instances give for contacts this one owns (empty: derived from the
+    /// host name and the listen port).
+    pub advertised_url: String,
     /// Partition-task timing.
     pub tasks: TaskSettings,
 }
@@ -331,6 +338,7 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
         ("topics.stage_changes", &topics.stage_changes),
         ("topics.conversions", &topics.conversions),
         ("topics.dead_letters", &topics.dead_letters),
+        ("topics.instances", &topics.instances),
     ];
     for (index, (location, name)) in names.iter().enumerate() {
         if name.is_empty()
@@ -447,6 +455,15 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
         max_age_millis: days_to_millis(attribution.max_age_days),
     });
 
+    if !(raw.http.advertised_url.is_empty()
+        || raw.http.advertised_url.starts_with("http://")
+        || raw.http.advertised_url.starts_with("https://"))
+    {
+        problems.push(
+            "http.advertised_url",
+            "must start with http:// or https:// (or be empty)",
+        );
+    }
     let listen = raw.http.listen.parse().unwrap_or_else(|_| {
         problems.push(
             "http.listen",
@@ -486,6 +503,7 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
             stage_changes: topics.stage_changes,
             conversions: topics.conversions,
             dead_letters: topics.dead_letters,
+            instances: topics.instances,
         },
         input_formats: [raw.input.clickstream, raw.input.ad_conversions, raw.input.purchases],
         max_record_bytes: raw.input.max_record_bytes,
@@ -494,6 +512,7 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
         schemas: SchemaSettings { registry, files },
         attribution,
         listen,
+        advertised_url: raw.http.advertised_url.trim_end_matches('/').to_owned(),
         tasks,
     }
 }

@@ -84,11 +84,12 @@ pub async fn run_embedded(
     let cluster = MockCluster::new(1).map_err(|error| anyhow!("cannot start the mock cluster: {error}"))?;
     let bootstrap = cluster.bootstrap_servers();
     let topics = config.service.topics.clone();
-    for topic in topics
-        .inputs
-        .iter()
-        .chain([&topics.stage_changes, &topics.conversions, &topics.dead_letters])
-    {
+    for topic in topics.inputs.iter().chain([
+        &topics.stage_changes,
+        &topics.conversions,
+        &topics.dead_letters,
+        &topics.instances,
+    ]) {
         cluster
             .create_topic(topic, options.partitions, 1)
             .map_err(|error| anyhow!("cannot create topic {topic}: {error}"))?;

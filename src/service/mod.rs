@@ -10,6 +10,7 @@
 pub mod embedded;
 mod kafka;
 mod offsets;
+pub mod owners;
 mod schemas;
 mod task;
 
@@ -97,6 +98,17 @@ pub async fn run_with_metrics(
         .subscribe(&inputs)
         .context("cannot subscribe to the input topics")?;
 
+    let directory = Arc::new(owners::InstanceDirectory::new(advertised_url(
+        &service.advertised_url,
+        listener.local_addr()?,
+    )));
+    let mut directory_config = kafka::consumer_config(&service.kafka);
+    directory_config.set("statistics.interval.ms", "0");
+    let following = tokio::spawn(owners::follow(
+        directory_config,
+        service.topics.instances.clone(),
+        directory.clone(),
+    ));
     let shards = Arc::new(OwnedShards::new(partitions));
     let ready = Arc::new(AtomicBool::new(false));
     let query = Arc::new(QueryState {
@@ -105,9 +117,14 @@ pub async fn run_with_metrics(
         metrics: metrics.clone(),
         ready: ready.clone(),
         now: options.now,
+        owners: Some(directory.clone()),
     });
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    tracing::info!(listen = %listener.local_addr()?, "HTTP endpoints: /metrics /healthz /readyz /contacts/{{id}} /stages");
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        advertised_url = directory.own_url(),
+        "HTTP endpoints: /metrics /healthz /readyz /contacts/{{id}} /stages"
+    );
     let http = tokio::spawn(serve(listener, query, async {
         let _ = http_stopped.await;
     }));
@@ -142,7 +159,12 @@ pub async fn run_with_metrics(
             _ = &mut shutdown => break,
             event = group_events.recv() => match event {
                 Some(GroupEvent::Assigned(queues)) => {
-                    assign(&shared, &shards, &mut tasks, queues).await;
+                    let started = assign(&shared, &shards, &mut tasks, queues).await;
+                    let (producer, topic, directory) =
+                        (producer.clone(), service.topics.instances.clone(), directory.clone());
+                    tokio::spawn(async move {
+                        owners::announce(&producer, &topic, directory.own_url(), &started).await;
+                    });
                     assigned_once = true;
                 }
                 Some(GroupEvent::Revoking(partitions, done)) => {
@@ -183,6 +205,7 @@ pub async fn run_with_metrics(
         }
     })
     .await;
+    following.abort();
     stop_main_queue.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || main_queue.join()).await;
     drop(shared);
@@ -201,13 +224,33 @@ pub async fn run_with_metrics(
     Ok(metrics)
 }
 
+/// The configured advertised URL, else `http://<host name or listen address>:<port>`.
+fn advertised_url(configured: &str, listen: std::net::SocketAddr) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let host = if listen.ip().is_unspecified() {
+        std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned())
+    } else {
+        listen.ip().to_string()
+    };
+    format!("http://{host}:{}", listen.port())
+}
+
 /// Starts tasks for newly assigned partitions, or gives a running task its other topics.
+/// Returns the partitions started.
 async fn assign(
     shared: &Arc<Shared>,
     shards: &Arc<OwnedShards>,
     tasks: &mut BTreeMap<i32, TaskHandle>,
     queues: Vec<(usize, i32, kafka::PartitionQueue)>,
-) {
+) -> Vec<i32> {
+    let mut started = Vec::new();
     let mut by_partition: BTreeMap<i32, Vec<(usize, kafka::PartitionQueue)>> = BTreeMap::new();
     for (source, partition, queue) in queues {
         by_partition.entry(partition).or_default().push((source, queue));
@@ -237,7 +280,9 @@ async fn assign(
         let (control, commands) = mpsc::channel(8);
         let join = tokio::spawn(run_task(shared.clone(), partition, shard.clone(), queues, commands));
         tasks.insert(partition, TaskHandle { control, join, shard });
+        started.push(partition);
     }
+    started
 }
 
 /// Stops a task (it finishes and stores offsets for what it read) and forgets its shard.
@@ -283,6 +328,7 @@ async fn check_topics(producer: &rdkafka::producer::FutureProducer, service: &Se
         &service.topics.stage_changes,
         &service.topics.conversions,
         &service.topics.dead_letters,
+        &service.topics.instances,
     ] {
         if count(name).is_none() {
             problems.push(format!("output topic `{name}` does not exist"));

@@ -11,14 +11,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// The default topic names: the three inputs, then stage changes, conversions, dead letters.
-pub const TOPICS: [&str; 6] = [
+/// The default topic names: the three inputs, then stage changes, conversions, dead letters,
+/// and the instances topic.
+pub const TOPICS: [&str; 7] = [
     "clickstream",
     "ad-conversions",
     "purchases",
     "lifecycle.stage-changes",
     "attribution.conversions",
     "lifecycle.dead-letters",
+    "lifecycle.instances",
 ];
 
 /// A generated stream from 2025-01-01, without the generator's deliberately bad lines.
