@@ -13,8 +13,8 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value as Avro;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
-use common::broker::{consume_all, create_topics, produce, unique_name, Record, Tansu, TopicSpec};
-use common::service::{generated_events, service_config, sum_samples, RunningService, TOPICS};
+use common::broker::{consume_all, produce, unique_name, Record, Tansu};
+use common::service::{create_service_topics, generated_events, service_config, sum_samples, RunningService, TOPICS};
 use lifecycle_scorer::codec::json::encode_event;
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store, shipped_schema};
 use lifecycle_scorer::domain::{ContactEvent, EventBody, Source, Timestamp};
@@ -66,15 +66,7 @@ fn reencode(
 async fn bad_records_are_dead_lettered_with_their_reason_and_the_rest_is_processed() {
     let broker = Tansu::start();
     let bootstrap = broker.bootstrap();
-    let specs: Vec<TopicSpec<'_>> = TOPICS
-        .iter()
-        .map(|name| TopicSpec {
-            name,
-            partitions: 2,
-            configs: &[],
-        })
-        .collect();
-    create_topics(&bootstrap, &specs).await;
+    create_service_topics(&bootstrap, 2).await;
 
     // Writer schemas registered under ids of their own, mapped to files (no registry).
     let dir = tempfile::tempdir().unwrap();

@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::broker::{
-    committed_offsets, consume_all, consume_to_end, create_topics, end_offsets, produce, unique_name, Record, Tansu,
-    TopicSpec,
+    committed_offsets, consume_all, consume_to_end, end_offsets, produce, unique_name, Record, Tansu,
 };
-use common::service::{generated_events, service_config, sum_samples, RunningService, TOPICS};
+use common::service::{create_service_topics, generated_events, service_config, sum_samples, RunningService, TOPICS};
 use lifecycle_scorer::attribution::{normalise_email, sha256_hex};
 use lifecycle_scorer::codec::json::encode_event;
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store};
@@ -55,15 +54,7 @@ fn replay_changes(events: &[ContactEvent]) -> Vec<String> {
 async fn run_publishes_exactly_what_replay_gives_and_commits_everything() {
     let broker = Tansu::start();
     let bootstrap = broker.bootstrap();
-    let specs: Vec<TopicSpec<'_>> = TOPICS
-        .iter()
-        .map(|name| TopicSpec {
-            name,
-            partitions: PARTITIONS,
-            configs: &[],
-        })
-        .collect();
-    create_topics(&bootstrap, &specs).await;
+    create_service_topics(&bootstrap, PARTITIONS).await;
 
     let events = generated_events(3_000, 120, 11);
     assert!(events.len() >= 20_000, "only {} events", events.len());

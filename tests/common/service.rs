@@ -23,6 +23,19 @@ pub const TOPICS: [&str; 7] = [
     "lifecycle.instances",
 ];
 
+/// Creates every topic of [`TOPICS`] on a real broker with `partitions` partitions each.
+pub async fn create_service_topics(bootstrap: &str, partitions: i32) {
+    let specs: Vec<super::broker::TopicSpec<'_>> = TOPICS
+        .iter()
+        .map(|name| super::broker::TopicSpec {
+            name,
+            partitions,
+            configs: &[],
+        })
+        .collect();
+    super::broker::create_topics(bootstrap, &specs).await;
+}
+
 /// A generated stream from 2025-01-01, without the generator's deliberately bad lines.
 pub fn generated_events(contacts: u64, days: u32, seed: u64) -> Vec<ContactEvent> {
     let mut lines = Vec::new();
