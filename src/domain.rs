@@ -512,6 +512,21 @@ impl PurchaseHistory {
         changed
     }
 
+    /// The history of `orders` (any order), with its statistics derived.
+    pub fn from_orders(mut orders: Vec<OrderRecord>) -> Self {
+        orders.sort_by_key(|record| (record.placed_at, record.order));
+        let mut history = PurchaseHistory {
+            orders,
+            first_day: None,
+            last_day: None,
+            repeat_days: 0,
+            completed_orders: 0,
+            completed_amount: 0.0,
+        };
+        history.derive();
+        history
+    }
+
     fn derive(&mut self) {
         let mut first_day = None;
         let mut last_day = None;
@@ -674,6 +689,29 @@ impl Identity {
     /// True when nothing was seen.
     pub fn is_empty(&self) -> bool {
         self.text.is_empty()
+    }
+
+    /// The packed form: every value concatenated in [`IdentityField::ALL`] order, and where
+    /// each ends.
+    pub fn packed(&self) -> (&str, [u16; 7]) {
+        (&self.text, self.ends)
+    }
+
+    /// Rebuilds an identity from [`Identity::packed`]; `None` when the ends do not cut `text`
+    /// into values at character boundaries.
+    pub fn from_packed(text: &str, ends: [u16; 7]) -> Option<Identity> {
+        let mut start = 0;
+        for end in ends {
+            let end = usize::from(end);
+            if end < start || end > text.len() || !text.is_char_boundary(end) {
+                return None;
+            }
+            start = end;
+        }
+        (start == text.len()).then(|| Identity {
+            text: text.into(),
+            ends,
+        })
     }
 }
 

@@ -6,6 +6,8 @@
 
 use dashmap::DashMap;
 
+pub mod codec;
+
 use crate::domain::{ContactKey, ContactState};
 
 /// The hasher of shard maps: foldhash with a fixed seed, so iteration order (and so the order
