@@ -8,6 +8,8 @@
 
 use std::collections::VecDeque;
 
+use crate::state::codec::Processed;
+
 /// The open records of one input topic-partition.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
@@ -41,6 +43,20 @@ impl OffsetTracker {
         self.open.front().map(|(offset, _)| *offset).or(self.next)
     }
 
+    /// What is processed, for a changelog checkpoint: the position and the finished records
+    /// above it.
+    pub fn processed(&self) -> Processed {
+        Processed {
+            position: self.position(),
+            above: self
+                .open
+                .iter()
+                .filter(|(_, done)| *done)
+                .map(|(offset, _)| *offset)
+                .collect(),
+        }
+    }
+
     /// Records received and not finished.
     pub fn pending(&self) -> usize {
         self.open.iter().filter(|(_, done)| !done).count()
@@ -63,6 +79,13 @@ mod tests {
         tracker.finished(11);
         tracker.finished(15);
         assert_eq!(tracker.position(), Some(10), "10 is still open");
+        assert_eq!(
+            tracker.processed(),
+            Processed {
+                position: Some(10),
+                above: vec![11, 15]
+            }
+        );
         tracker.finished(10);
         assert_eq!(tracker.position(), Some(12));
         tracker.finished(12);
@@ -95,6 +118,11 @@ mod tests {
                 tracker.finished(offset);
                 let expected = unfinished.iter().min().copied().unwrap_or(offsets[offsets.len() - 1] + 1);
                 prop_assert_eq!(tracker.position(), Some(expected));
+                // Exactly the finished records count as processed.
+                let processed = tracker.processed();
+                for offset in &offsets {
+                    prop_assert_eq!(processed.contains(*offset), !unfinished.contains(offset));
+                }
             }
         }
     }

@@ -1,13 +1,18 @@
 //! The changelog encoding of a contact: key and state in a compact, versioned binary form
 //! (pure).
 //!
-//! Key: one byte (0 identified, 1 anonymous) and the id's bytes, so the changelog is keyed
-//! exactly as the state is. Value: a format version, the input positions the state reflects
-//! (one per input topic of the partition, so a restore can skip what it already contains), then
-//! the state. Integers are LEB128 varints, times zigzag varints relative to the contact's clock
-//! (most are close to it), fingerprints and floats fixed-width little-endian. Derived purchase
-//! statistics are not stored: they are recomputed from the orders. The timer-wheel bucket is
-//! not stored either: restore files timers anew.
+//! Contact records: the key is one byte (0 identified, 1 anonymous) and the id's bytes, so the
+//! changelog is keyed exactly as the state is; the value is a format version and the state.
+//! Integers are LEB128 varints, times zigzag varints relative to the contact's clock (most are
+//! close to it), fingerprints and floats fixed-width little-endian. Derived purchase statistics
+//! are not stored: they are recomputed from the orders. The timer-wheel bucket is not stored
+//! either: restore files timers anew.
+//!
+//! Checkpoint records (key: the single byte 2) say which inputs the contact records before
+//! them reflect: per input topic of the partition, the first offset not processed and the
+//! offsets above it that were (records finish out of order behind the reorder buffer). A task
+//! writes the changed contacts of a batch, then a checkpoint, on the same changelog partition,
+//! so a restore that reads up to a checkpoint knows exactly which inputs to skip.
 //!
 //! A newer version than this code knows is refused with [`StateDecodeError::Version`], never
 //! misread: a rollback must not silently corrupt state.
@@ -31,9 +36,66 @@ pub enum StateDecodeError {
     Malformed(&'static str),
 }
 
-/// The input positions a state reflects: for each input topic of the partition, the next
-/// offset to read (`None`: nothing read yet).
-pub type Positions = [Option<i64>; 3];
+/// The key of checkpoint records.
+pub const CHECKPOINT_KEY: [u8; 1] = [2];
+
+/// Which inputs of one topic-partition the state reflects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Processed {
+    /// The first offset not processed (`None`: nothing read yet).
+    pub position: Option<i64>,
+    /// Offsets above `position` that were processed, ascending.
+    pub above: Vec<i64>,
+}
+
+impl Processed {
+    /// True when the input at `offset` is already reflected in the state.
+    pub fn contains(&self, offset: i64) -> bool {
+        self.position.is_some_and(|position| offset < position) || self.above.binary_search(&offset).is_ok()
+    }
+}
+
+/// A checkpoint: what the state reflects, per input topic of the partition.
+pub type Checkpoint = [Processed; 3];
+
+/// Appends the changelog value of a checkpoint.
+pub fn encode_checkpoint(checkpoint: &Checkpoint, out: &mut Vec<u8>) {
+    out.push(FORMAT_VERSION);
+    for processed in checkpoint {
+        put_varint(out, processed.position.map_or(0, |offset| offset.max(-1) as u64 + 1));
+        put_varint(out, processed.above.len() as u64);
+        let mut previous = processed.position.unwrap_or(0);
+        for offset in &processed.above {
+            // Ascending: store the gaps.
+            put_varint(out, offset.wrapping_sub(previous) as u64);
+            previous = *offset;
+        }
+    }
+}
+
+/// Reads a checkpoint value.
+pub fn decode_checkpoint(bytes: &[u8]) -> Result<Checkpoint, StateDecodeError> {
+    let mut input = Reader(bytes);
+    input.version()?;
+    let mut checkpoint = Checkpoint::default();
+    for processed in &mut checkpoint {
+        let raw = input.varint()?;
+        processed.position = (raw > 0)
+            .then(|| i64::try_from(raw - 1).map_err(|_| StateDecodeError::Malformed("offset out of range")))
+            .transpose()?;
+        let count = input.count(1)?;
+        let mut previous = processed.position.unwrap_or(0);
+        for _ in 0..count {
+            let gap = i64::try_from(input.varint()?).map_err(|_| StateDecodeError::Malformed("offset gap"))?;
+            previous = previous
+                .checked_add(gap)
+                .ok_or(StateDecodeError::Malformed("offset out of range"))?;
+            processed.above.push(previous);
+        }
+    }
+    input.end()?;
+    Ok(checkpoint)
+}
 
 /// The changelog key of a contact.
 pub fn encode_key(key: &ContactKey) -> Vec<u8> {
@@ -54,13 +116,9 @@ pub fn decode_key(bytes: &[u8]) -> Result<ContactKey, StateDecodeError> {
     }
 }
 
-/// Appends the changelog value of `state`, reflecting inputs up to `positions`.
-pub fn encode_state(state: &ContactState, positions: &Positions, out: &mut Vec<u8>) {
+/// Appends the changelog value of `state`.
+pub fn encode_state(state: &ContactState, out: &mut Vec<u8>) {
     out.push(FORMAT_VERSION);
-    for position in positions {
-        // 0 = none, else offset + 1.
-        put_varint(out, position.map_or(0, |offset| offset.max(-1) as u64 + 1));
-    }
     let clock = state.clock;
     let flags = u8::from(state.extra.is_some());
     out.push(flags);
@@ -114,24 +172,10 @@ pub fn encode_state(state: &ContactState, positions: &Positions, out: &mut Vec<u
     put_time(out, extra.risk_due, clock);
 }
 
-/// Reads a changelog value: the state and the positions it reflects.
-pub fn decode_state(bytes: &[u8]) -> Result<(ContactState, Positions), StateDecodeError> {
+/// Reads a contact record's value.
+pub fn decode_state(bytes: &[u8]) -> Result<ContactState, StateDecodeError> {
     let mut input = Reader(bytes);
-    let version = input.byte()?;
-    if version != FORMAT_VERSION {
-        return Err(if version > FORMAT_VERSION {
-            StateDecodeError::Version(version)
-        } else {
-            StateDecodeError::Malformed("unknown format version")
-        });
-    }
-    let mut positions: Positions = [None; 3];
-    for position in &mut positions {
-        let raw = input.varint()?;
-        *position = (raw > 0)
-            .then(|| i64::try_from(raw - 1).map_err(|_| StateDecodeError::Malformed("offset out of range")))
-            .transpose()?;
-    }
+    input.version()?;
     let flags = input.byte()?;
     let stage = StageId(input.byte()?);
     let main_stage = StageId(input.byte()?);
@@ -203,10 +247,8 @@ pub fn decode_state(bytes: &[u8]) -> Result<(ContactState, Positions), StateDeco
             risk_due,
         }));
     }
-    if !input.0.is_empty() {
-        return Err(StateDecodeError::Malformed("trailing bytes"));
-    }
-    Ok((state, positions))
+    input.end()?;
+    Ok(state)
 }
 
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -235,6 +277,22 @@ fn put_time(out: &mut Vec<u8>, at: Timestamp, clock: Timestamp) {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
+    fn version(&mut self) -> Result<(), StateDecodeError> {
+        match self.byte()? {
+            FORMAT_VERSION => Ok(()),
+            newer if newer > FORMAT_VERSION => Err(StateDecodeError::Version(newer)),
+            _ => Err(StateDecodeError::Malformed("unknown format version")),
+        }
+    }
+
+    fn end(&self) -> Result<(), StateDecodeError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(StateDecodeError::Malformed("trailing bytes"))
+        }
+    }
+
     fn take(&mut self, count: usize) -> Result<&'a [u8], StateDecodeError> {
         let (head, rest) = self
             .0
@@ -344,14 +402,11 @@ mod tests {
             .any(|(_, state)| state.extra.as_ref().is_some_and(|extra| extra.purchases.is_some())));
         assert!(states.iter().any(|(key, _)| key.anonymous));
         let mut bytes = 0;
-        for (index, (key, state)) in states.iter().enumerate() {
-            let positions = [Some(index as i64), None, Some(0)];
+        for (key, state) in &states {
             let mut out = Vec::new();
-            encode_state(state, &positions, &mut out);
+            encode_state(state, &mut out);
             bytes += out.len();
-            let (decoded, read_positions) = decode_state(&out).unwrap();
-            assert_eq!(&decoded, state, "{key:?}");
-            assert_eq!(read_positions, positions);
+            assert_eq!(&decode_state(&out).unwrap(), state, "{key:?}");
             assert_eq!(decode_key(&encode_key(key)).unwrap(), *key);
         }
         // Compact: under half the in-memory size of this mix (about 420 bytes per contact,
@@ -364,7 +419,7 @@ mod tests {
     fn damaged_records_are_errors_never_panics() {
         for (_, state) in states().iter().step_by(37) {
             let mut out = Vec::new();
-            encode_state(state, &[Some(5), Some(6), Some(7)], &mut out);
+            encode_state(state, &mut out);
             for cut in 0..out.len() {
                 assert!(decode_state(&out[..cut]).is_err(), "cut at {cut}");
             }
@@ -380,5 +435,30 @@ mod tests {
         );
         assert!(decode_key(&[7, b'x']).is_err());
         assert!(decode_key(&[]).is_err());
+    }
+
+    #[test]
+    fn checkpoints_round_trip_and_say_what_is_processed() {
+        let checkpoint: Checkpoint = [
+            Processed {
+                position: Some(1_000),
+                above: vec![1_002, 1_003, 1_050],
+            },
+            Processed::default(),
+            Processed {
+                position: Some(0),
+                above: vec![],
+            },
+        ];
+        let mut out = Vec::new();
+        encode_checkpoint(&checkpoint, &mut out);
+        assert_eq!(decode_checkpoint(&out).unwrap(), checkpoint);
+        for cut in 0..out.len() {
+            assert!(decode_checkpoint(&out[..cut]).is_err(), "cut at {cut}");
+        }
+        let processed = &checkpoint[0];
+        assert!(processed.contains(999) && processed.contains(1_002) && processed.contains(1_050));
+        assert!(!processed.contains(1_000) && !processed.contains(1_001) && !processed.contains(1_051));
+        assert!(!checkpoint[1].contains(0), "nothing read: nothing processed");
     }
 }
