@@ -75,6 +75,22 @@ impl Processor {
         self.watermark = self.watermark.max(at);
     }
 
+    /// Puts a contact restored from the changelog into the shard, with its timers filed as
+    /// if it had been processed here. Replaces any state the shard held for it.
+    pub fn restore(&mut self, key: ContactKey, mut state: Box<ContactState>) {
+        state.timer_bucket = 0;
+        let due = self.engine.next_due(&state);
+        file(&mut self.wheel, self.sweep_millis, &key, &mut state, due);
+        self.watermark = self.watermark.max(state.clock);
+        self.shard.insert(key, state);
+    }
+
+    /// Removes a contact (a deletion, or a changelog tombstone). Its timer entries become
+    /// stale and are skipped.
+    pub fn forget(&mut self, key: &ContactKey) -> Option<Box<ContactState>> {
+        self.shard.remove(key).map(|(_, state)| state)
+    }
+
     /// The shard this processor writes.
     pub fn shard(&self) -> &Arc<Shard> {
         &self.shard
