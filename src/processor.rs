@@ -44,6 +44,9 @@ pub struct Processor {
     /// Highest event time seen: the partition's event-time clock.
     watermark: Timestamp,
     stats: ProcessorStats,
+    /// Contacts whose state changed since [`Processor::take_touched`], when tracked (the
+    /// service writes them to its changelog).
+    touched: Option<Vec<ContactKey>>,
 }
 
 impl Processor {
@@ -56,7 +59,25 @@ impl Processor {
             wheel: BTreeMap::new(),
             watermark: Timestamp::MIN_VALID,
             stats: ProcessorStats::default(),
+            touched: None,
         }
+    }
+
+    /// Starts remembering which contacts change, for [`Processor::take_touched`].
+    pub fn track_touched(&mut self) {
+        self.touched.get_or_insert_with(Vec::new);
+    }
+
+    /// The contacts whose state changed since the last call (each once, in no particular
+    /// order); empty unless tracking.
+    pub fn take_touched(&mut self) -> Vec<ContactKey> {
+        let Some(touched) = &mut self.touched else {
+            return Vec::new();
+        };
+        let mut keys = std::mem::take(touched);
+        keys.sort_unstable();
+        keys.dedup();
+        keys
     }
 
     /// What the processor has done so far.
@@ -121,6 +142,9 @@ impl Processor {
             return Applied::Duplicate;
         };
         let emitted_before = out.len();
+        if let Some(touched) = &mut self.touched {
+            touched.push(key.clone());
+        }
         let applied = match self.shard.get_mut(&key) {
             Some(mut state) => {
                 let applied = self.engine.apply(&key, &mut state, event, out);
@@ -168,6 +192,9 @@ impl Processor {
                 state.timer_bucket = 0;
                 if self.engine.next_due(&state) <= now {
                     self.engine.advance_to(&key, &mut state, now, out);
+                    if let Some(touched) = &mut self.touched {
+                        touched.push(key.clone());
+                    }
                 }
                 let due = self.engine.next_due(&state);
                 if due != Timestamp::NEVER {

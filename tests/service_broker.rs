@@ -11,24 +11,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::broker::{
-    committed_offsets, consume_all, consume_to_end, end_offsets, produce, unique_name, Record, Tansu,
+    committed_offsets, consume_all, consume_to_end, end_offsets, produce, topic_configs, unique_name, Record, Tansu,
 };
-use common::service::{create_service_topics, generated_events, service_config, sum_samples, RunningService, TOPICS};
+use common::service::{
+    create_service_topics, generated_events, service_config, sum_samples, RunningService, CHANGELOG, TOPICS,
+};
 use lifecycle_scorer::attribution::{normalise_email, sha256_hex};
 use lifecycle_scorer::codec::json::encode_event;
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store};
-use lifecycle_scorer::domain::{ContactEvent, EventBody, PurchaseStatus, Source};
+use lifecycle_scorer::domain::{ContactEvent, ContactKey, ContactState, EventBody, PurchaseStatus, Source};
 use lifecycle_scorer::replay::{replay, ReplayOptions};
+use lifecycle_scorer::state::codec::{decode_checkpoint, decode_key, decode_state, Checkpoint, CHECKPOINT_KEY};
 use serde_json::Value;
 
 const PARTITIONS: i32 = 4;
-/// What `replay` publishes for `events` with the service's partitioning, as canonical JSON.
-fn replay_changes(events: &[ContactEvent]) -> Vec<String> {
+/// What `replay` publishes for `events` with the service's partitioning, as canonical JSON,
+/// and every contact's final state.
+fn replay_changes(events: &[ContactEvent]) -> (Vec<String>, BTreeMap<ContactKey, ContactState>) {
     let config = lifecycle_scorer::config::Config::builtin().unwrap();
     let input: String = events.iter().map(|event| encode_event(event) + "\n").collect();
     let mut changes = Vec::new();
     let mut errors = Vec::new();
-    replay(
+    let (_, processor) = replay(
         Arc::new(config.engine),
         config.processing,
         input.as_bytes(),
@@ -47,7 +51,16 @@ fn replay_changes(events: &[ContactEvent]) -> Vec<String> {
         .map(|line| serde_json::from_str::<Value>(line).unwrap().to_string())
         .collect();
     lines.sort();
-    lines
+    let states = processor
+        .shard()
+        .iter()
+        .map(|entry| {
+            let mut state = (**entry.value()).clone();
+            state.timer_bucket = 0;
+            (entry.key().clone(), state)
+        })
+        .collect();
+    (lines, states)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -68,7 +81,7 @@ async fn run_publishes_exactly_what_replay_gives_and_commits_everything() {
     for (source, records) in per_topic.iter().enumerate() {
         produce(&bootstrap, TOPICS[source], records).await;
     }
-    let expected = replay_changes(&events);
+    let (expected, final_states) = replay_changes(&events);
     assert!(expected.len() > 5_000, "only {} stage changes", expected.len());
 
     let group = unique_name("oracle");
@@ -156,6 +169,51 @@ async fn run_publishes_exactly_what_replay_gives_and_commits_everything() {
         let committed = committed_offsets(&bootstrap, &group, topic).await;
         let ends = end_offsets(&bootstrap, topic).await;
         assert_eq!(committed, ends, "{topic}: committed offsets are the end offsets");
+    }
+    check_changelog(&bootstrap, &final_states).await;
+}
+
+/// The changelog the service created (compacted, one partition per input partition) holds, as
+/// each contact's latest record, exactly the state replay ends with, and its last checkpoint on
+/// every partition says every input was processed.
+async fn check_changelog(bootstrap: &str, final_states: &BTreeMap<ContactKey, ContactState>) {
+    let configs = topic_configs(bootstrap, CHANGELOG).await;
+    assert_eq!(configs.get("cleanup.policy").map(String::as_str), Some("compact"));
+    let records = consume_to_end(bootstrap, CHANGELOG, Duration::from_secs(120)).await;
+    let mut latest: BTreeMap<Vec<u8>, &Option<Vec<u8>>> = BTreeMap::new();
+    let mut checkpoints: BTreeMap<i32, Checkpoint> = BTreeMap::new();
+    for record in &records {
+        let key = record.key.clone().unwrap();
+        if key == CHECKPOINT_KEY {
+            checkpoints.insert(
+                record.partition,
+                decode_checkpoint(record.payload.as_deref().unwrap()).unwrap(),
+            );
+        } else {
+            latest.insert(key, &record.payload);
+        }
+    }
+    assert_eq!(latest.len(), final_states.len(), "one contact record per contact");
+    for (key, value) in latest {
+        let contact = decode_key(&key).unwrap();
+        let state = decode_state(value.as_deref().unwrap()).unwrap();
+        assert_eq!(Some(&state), final_states.get(&contact), "{contact:?}");
+    }
+    assert_eq!(
+        checkpoints.len(),
+        PARTITIONS as usize,
+        "a checkpoint on every partition"
+    );
+    for (source, topic) in TOPICS[..3].iter().enumerate() {
+        let ends = end_offsets(bootstrap, topic).await;
+        for (partition, checkpoint) in &checkpoints {
+            assert_eq!(
+                checkpoint[source].position,
+                ends.get(partition).copied(),
+                "{topic} {partition}"
+            );
+            assert!(checkpoint[source].above.is_empty());
+        }
     }
 }
 

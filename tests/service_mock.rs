@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::broker::{committed_offsets, end_offsets};
-use common::service::{generated_events, service_config, sum_samples, RunningService, TOPICS};
+use common::service::{generated_events, service_config, sum_samples, RunningService, CHANGELOG, TOPICS};
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store, shipped_schema};
 use lifecycle_scorer::domain::Source;
 use lifecycle_scorer::partition::partition_for;
@@ -72,7 +72,8 @@ fn owned_partitions(metrics: &str) -> usize {
 async fn a_stopped_instance_hands_its_partitions_over_without_losing_records() {
     let cluster = MockCluster::new(1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    for topic in TOPICS {
+    // The mock broker has no admin API: the changelog too is created here.
+    for topic in TOPICS.into_iter().chain([CHANGELOG]) {
         cluster.create_topic(topic, PARTITIONS, 1).unwrap();
     }
     let all = records(1_500, 3);
@@ -206,7 +207,8 @@ async fn fake_registry(id: u32, schema: String) -> (std::net::SocketAddr, Arc<At
 async fn writer_schemas_come_from_the_registry_once_and_unknown_ids_are_dead_lettered() {
     let cluster = MockCluster::new(1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    for topic in TOPICS {
+    // The mock broker has no admin API: the changelog too is created here.
+    for topic in TOPICS.into_iter().chain([CHANGELOG]) {
         cluster.create_topic(topic, PARTITIONS, 1).unwrap();
     }
     // The upstream team added a field: a backward-compatible change under a new id.

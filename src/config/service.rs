@@ -50,6 +50,7 @@ pub(super) struct RawTopics {
     conversions: String,
     dead_letters: String,
     instances: String,
+    changelog: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +167,8 @@ pub struct Topics {
     pub dead_letters: String,
     /// Which instance owns which input partition (compacted; written and read by the service).
     pub instances: String,
+    /// Every changed contact's state, one partition per input partition (compacted).
+    pub changelog: String,
 }
 
 impl Topics {
@@ -339,6 +342,7 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
         ("topics.conversions", &topics.conversions),
         ("topics.dead_letters", &topics.dead_letters),
         ("topics.instances", &topics.instances),
+        ("topics.changelog", &topics.changelog),
     ];
     for (index, (location, name)) in names.iter().enumerate() {
         if name.is_empty()
@@ -504,6 +508,7 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
             conversions: topics.conversions,
             dead_letters: topics.dead_letters,
             instances: topics.instances,
+            changelog: topics.changelog,
         },
         input_formats: [raw.input.clickstream, raw.input.ad_conversions, raw.input.purchases],
         max_record_bytes: raw.input.max_record_bytes,

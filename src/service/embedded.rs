@@ -89,6 +89,8 @@ pub async fn run_embedded(
         &topics.conversions,
         &topics.dead_letters,
         &topics.instances,
+        // The mock broker has no admin API for the service to create it with.
+        &topics.changelog,
     ]) {
         cluster
             .create_topic(topic, options.partitions, 1)

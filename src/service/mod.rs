@@ -339,8 +339,47 @@ async fn check_topics(producer: &rdkafka::producer::FutureProducer, service: &Se
             "input topics are not co-partitioned (partition counts {input_counts:?}): give them the same count"
         ));
     }
+    let partitions = input_counts.first().map_or(0, |(_, partitions)| *partitions);
+    match count(&service.topics.changelog) {
+        Some(found) if found != partitions => problems.push(format!(
+            "the changelog `{}` has {found} partitions, the inputs {partitions}: one per input partition",
+            service.topics.changelog
+        )),
+        Some(_) => {}
+        None if problems.is_empty() => create_changelog(service, partitions).await?,
+        None => {}
+    }
     if !problems.is_empty() {
         bail!("topics are not ready:\n  {}", problems.join("\n  "));
     }
-    Ok(input_counts.first().map_or(0, |(_, partitions)| *partitions as u32))
+    Ok(partitions as u32)
+}
+
+/// Creates the compacted changelog topic, one partition per input partition.
+async fn create_changelog(service: &ServiceConfig, partitions: usize) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let mut config = rdkafka::ClientConfig::new();
+    for (key, value) in &service.kafka.producer_properties {
+        config.set(key, value);
+    }
+    config.set("bootstrap.servers", &service.kafka.bootstrap_servers);
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        config.create().context("cannot create an admin client")?;
+    let name = &service.topics.changelog;
+    let topic =
+        NewTopic::new(name, i32::try_from(partitions)?, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics([&topic], &options)
+        .await
+        .with_context(|| format!("cannot create the changelog topic `{name}`"))?;
+    for result in results {
+        if let Err((topic, code)) = result {
+            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                bail!("cannot create the changelog topic `{topic}`: {code}");
+            }
+        }
+    }
+    tracing::info!(topic = name, partitions, "created the changelog topic (compacted)");
+    Ok(())
 }

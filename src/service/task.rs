@@ -35,6 +35,7 @@ use crate::lifecycle::{Applied, Engine};
 use crate::metrics::{outcome, Metrics};
 use crate::processor::Processor;
 use crate::reorder::ReorderBuffer;
+use crate::state::codec::{encode_checkpoint, encode_key, encode_state, Checkpoint, CHECKPOINT_KEY};
 use crate::state::Shard;
 
 /// What every partition task shares.
@@ -74,10 +75,14 @@ struct Queued {
     origin: Origin,
 }
 
-/// One batch's deliveries and the records they finish.
+/// One batch's deliveries, the records they finish, and the changelog records of the contacts
+/// the batch changed (encoded when the batch ended, so they reflect exactly its inputs; `None`
+/// for a contact that is gone).
+#[derive(Default)]
 struct Batch {
     deliveries: Vec<(&'static str, DeliveryFuture)>,
     finished: Vec<Origin>,
+    changelog: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 /// Topic names the outputs go to (leaked once: they live as long as the process).
@@ -202,7 +207,8 @@ impl Task {
             conversions: leak(&config.topics.conversions),
             dead_letters: leak(&config.topics.dead_letters),
         };
-        let processor = Processor::new(shared.engine.clone(), shard, shared.processing);
+        let mut processor = Processor::new(shared.engine.clone(), shard, shared.processing);
+        processor.track_touched();
         let consumed = std::array::from_fn(|source| {
             [outcome::PROCESSED, outcome::DUPLICATE, outcome::LATE].map(|label| {
                 shared
@@ -227,10 +233,7 @@ impl Task {
             caught_up_since: None,
             trackers,
             batches,
-            batch: Batch {
-                deliveries: Vec::new(),
-                finished: Vec::new(),
-            },
+            batch: Batch::default(),
             ready: Vec::new(),
             changes: Vec::new(),
             buffer: Vec::with_capacity(1024),
@@ -517,18 +520,22 @@ impl Task {
         }
     }
 
-    /// Hands the current batch to the acker.
+    /// Hands the current batch to the acker, with the changelog records of every contact it
+    /// changed (timers fired on the wall clock change contacts without any input).
     async fn flush_batch(&mut self) {
-        if self.batch.deliveries.is_empty() && self.batch.finished.is_empty() {
+        for key in self.processor.take_touched() {
+            // The state as it stands now: what the batch's inputs made of it.
+            let value = self.processor.shard().get(&key).map(|state| {
+                let mut value = Vec::with_capacity(128);
+                encode_state(&state, &mut value);
+                value
+            });
+            self.batch.changelog.push((encode_key(&key), value));
+        }
+        if self.batch.deliveries.is_empty() && self.batch.finished.is_empty() && self.batch.changelog.is_empty() {
             return;
         }
-        let batch = std::mem::replace(
-            &mut self.batch,
-            Batch {
-                deliveries: Vec::new(),
-                finished: Vec::new(),
-            },
-        );
+        let batch = std::mem::take(&mut self.batch);
         if self.batches.send(batch).await.is_err() {
             tracing::error!(partition = self.partition, "acknowledgement task is gone");
         }
@@ -596,9 +603,28 @@ async fn send(
     payload: &[u8],
     headers: Option<OwnedHeaders>,
 ) -> DeliveryFuture {
+    send_to(producer, topic, None, key, Some(payload), headers).await
+}
+
+/// [`send`] to an explicit partition (`None`: the partitioner's choice), or a tombstone when
+/// `payload` is `None`.
+async fn send_to(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: &[u8],
+    payload: Option<&[u8]>,
+    headers: Option<OwnedHeaders>,
+) -> DeliveryFuture {
     let mut backoff = Duration::from_millis(1);
     loop {
-        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(key);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
         if let Some(headers) = &headers {
             record = record.headers(headers.clone());
         }
@@ -616,8 +642,43 @@ async fn send(
     }
 }
 
-/// Waits for each batch's acknowledgements in order, sends failed records again, then stores
-/// the input offsets the batch finished.
+/// Waits for every delivery, sending failed records again; false when the producer is gone.
+async fn deliver(shared: &Shared, deliveries: Vec<(&'static str, DeliveryFuture)>) -> bool {
+    for (topic, mut delivery) in deliveries {
+        loop {
+            match delivery.await {
+                Ok(Ok(_)) => {
+                    shared.metrics.records_produced.with_label_values(&[topic]).inc();
+                    break;
+                }
+                Ok(Err((error, message))) => {
+                    shared.metrics.output_retries.with_label_values(&[topic]).inc();
+                    tracing::warn!(topic, %error, "output delivery failed; sending again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    delivery = send_to(
+                        &shared.producer,
+                        topic,
+                        (message.partition() >= 0).then_some(message.partition()),
+                        message.key().unwrap_or_default(),
+                        message.payload(),
+                        message.headers().map(|headers| headers.as_borrowed().detach()),
+                    )
+                    .await;
+                }
+                Err(_) => {
+                    tracing::error!(topic, "producer gone before an acknowledgement");
+                    return false;
+                }
+            }
+        }
+    }
+    true
+}
+
+/// Waits for each batch's acknowledgements in order, sending failed records again; then writes
+/// the batch's changelog records and a checkpoint of the inputs they reflect, waits for those,
+/// and only then stores the input offsets the batch finished: outputs, then state, then
+/// offsets.
 async fn acknowledge(
     shared: Arc<Shared>,
     partition: i32,
@@ -625,36 +686,14 @@ async fn acknowledge(
     mut batches: mpsc::Receiver<Batch>,
 ) {
     let mut stored: [Option<i64>; 3] = [None; 3];
+    let changelog_topic: &'static str = leak(&shared.config.topics.changelog);
     while let Some(batch) = batches.recv().await {
-        for (topic, mut delivery) in batch.deliveries {
-            loop {
-                match delivery.await {
-                    Ok(Ok(_)) => {
-                        shared.metrics.records_produced.with_label_values(&[topic]).inc();
-                        break;
-                    }
-                    Ok(Err((error, message))) => {
-                        shared.metrics.output_retries.with_label_values(&[topic]).inc();
-                        tracing::warn!(topic, %error, "output delivery failed; sending again");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        delivery = send(
-                            &shared.producer,
-                            topic,
-                            message.key().unwrap_or_default(),
-                            message.payload().unwrap_or_default(),
-                            message.headers().map(|headers| headers.as_borrowed().detach()),
-                        )
-                        .await;
-                    }
-                    Err(_) => {
-                        tracing::error!(topic, "producer gone before an acknowledgement");
-                        return;
-                    }
-                }
-            }
+        if !deliver(&shared, batch.deliveries).await {
+            return;
         }
         let now = (shared.now)();
         let mut list = TopicPartitionList::new();
+        let mut checkpoint: Option<Checkpoint> = None;
         if let Ok(mut trackers) = trackers.lock() {
             for origin in &batch.finished {
                 if origin.occurred_at != Timestamp::NEVER {
@@ -667,6 +706,9 @@ async fn acknowledge(
                 }
                 trackers[origin.source].finished(origin.offset);
             }
+            if !batch.finished.is_empty() || !batch.changelog.is_empty() {
+                checkpoint = Some(std::array::from_fn(|source| trackers[source].processed()));
+            }
             for (source, tracker) in trackers.iter().enumerate() {
                 let position = tracker.position();
                 if position.is_some() && position != stored[source] {
@@ -677,6 +719,29 @@ async fn acknowledge(
                         shared.consumer.context().stored.stored(topic, partition, offset);
                     }
                 }
+            }
+        }
+        if let Some(checkpoint) = checkpoint {
+            let topic = changelog_topic;
+            let mut deliveries = Vec::with_capacity(batch.changelog.len() + 1);
+            for (key, value) in &batch.changelog {
+                let delivery = send_to(&shared.producer, topic, Some(partition), key, value.as_deref(), None).await;
+                deliveries.push((topic, delivery));
+            }
+            let mut value = Vec::new();
+            encode_checkpoint(&checkpoint, &mut value);
+            let delivery = send_to(
+                &shared.producer,
+                topic,
+                Some(partition),
+                &CHECKPOINT_KEY,
+                Some(&value),
+                None,
+            )
+            .await;
+            deliveries.push((topic, delivery));
+            if !deliver(&shared, deliveries).await {
+                return;
             }
         }
         if list.count() > 0 {

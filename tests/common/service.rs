@@ -11,8 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// The default topic names: the three inputs, then stage changes, conversions, dead letters,
-/// and the instances topic.
+/// The default topic names: the three inputs, then stage changes, conversions, dead letters and
+/// the instances topic. The service creates the changelog itself ([`CHANGELOG`]) where the
+/// broker has an admin API.
 pub const TOPICS: [&str; 7] = [
     "clickstream",
     "ad-conversions",
@@ -22,6 +23,9 @@ pub const TOPICS: [&str; 7] = [
     "lifecycle.dead-letters",
     "lifecycle.instances",
 ];
+
+/// The default changelog topic name.
+pub const CHANGELOG: &str = "lifecycle.state-changelog";
 
 /// Creates every topic of [`TOPICS`] on a real broker with `partitions` partitions each.
 pub async fn create_service_topics(bootstrap: &str, partitions: i32) {
