@@ -115,6 +115,7 @@ pub(super) struct RawService {
     stall_timeout_seconds: f64,
     batch_max_records: usize,
     shutdown_timeout_seconds: f64,
+    changelog_interval_ms: u64,
 }
 
 /// How one input topic's records are encoded.
@@ -232,6 +233,8 @@ pub struct TaskSettings {
     pub batch_max_records: usize,
     /// Bound on a graceful shutdown (and on draining a revoked partition).
     pub shutdown_timeout: Duration,
+    /// How often changed states are written to the changelog (coalesced) and offsets stored.
+    pub changelog_interval: Duration,
 }
 
 /// Everything `run` needs beyond the core.
@@ -491,6 +494,7 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
             "service.shutdown_timeout_seconds",
             service.shutdown_timeout_seconds,
         ),
+        changelog_interval: Duration::from_millis(service.changelog_interval_ms),
     };
 
     ServiceConfig {

@@ -9,7 +9,7 @@
 //! stores the input offsets they finish, so a committed offset never covers an unacknowledged
 //! output.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -675,80 +675,146 @@ async fn deliver(shared: &Shared, deliveries: Vec<(&'static str, DeliveryFuture)
     true
 }
 
-/// Waits for each batch's acknowledgements in order, sending failed records again; then writes
-/// the batch's changelog records and a checkpoint of the inputs they reflect, waits for those,
-/// and only then stores the input offsets the batch finished: outputs, then state, then
-/// offsets.
+/// Waits for each batch's acknowledgements in order, sending failed records again. The
+/// changelog records of acknowledged batches are coalesced (a contact's latest state wins) and
+/// written every `service.changelog_interval_ms`, followed by a checkpoint of exactly which
+/// inputs they reflect; once those are acknowledged the input offsets are stored: outputs, then
+/// state, then offsets.
 async fn acknowledge(
     shared: Arc<Shared>,
     partition: i32,
     trackers: Arc<Mutex<[OffsetTracker; 3]>>,
     mut batches: mpsc::Receiver<Batch>,
 ) {
-    let mut stored: [Option<i64>; 3] = [None; 3];
-    let changelog_topic: &'static str = leak(&shared.config.topics.changelog);
-    while let Some(batch) = batches.recv().await {
-        if !deliver(&shared, batch.deliveries).await {
+    let interval = shared.config.tasks.changelog_interval;
+    let mut writer = ChangelogWriter {
+        topic: leak(&shared.config.topics.changelog),
+        partition,
+        pending: BTreeMap::new(),
+        dirty: false,
+        stored: [None; 3],
+    };
+    let mut last_write = Instant::now();
+    loop {
+        let wait = interval.saturating_sub(last_write.elapsed());
+        let next = if writer.dirty {
+            match tokio::time::timeout(wait, batches.recv()).await {
+                Ok(batch) => batch.map(Some),
+                Err(_) => Some(None),
+            }
+        } else {
+            batches.recv().await.map(Some)
+        };
+        let Some(batch) = next else {
+            // The task stopped: write what is left, then end.
+            writer.write(&shared, &trackers).await;
             return;
-        }
-        let now = (shared.now)();
-        let mut list = TopicPartitionList::new();
-        let mut checkpoint: Option<Checkpoint> = None;
-        if let Ok(mut trackers) = trackers.lock() {
-            for origin in &batch.finished {
-                if origin.occurred_at != Timestamp::NEVER {
-                    let seconds = now.millis_since(origin.occurred_at) as f64 / 1000.0;
-                    shared.metrics.end_to_end_latency.observe(seconds.max(0.0));
-                }
-                if let Some(appended) = origin.appended_at {
-                    let seconds = (now.millis() - appended) as f64 / 1000.0;
-                    shared.metrics.record_latency.observe(seconds.max(0.0));
-                }
-                trackers[origin.source].finished(origin.offset);
+        };
+        if let Some(batch) = batch {
+            if !deliver(&shared, batch.deliveries).await {
+                return;
             }
-            if !batch.finished.is_empty() || !batch.changelog.is_empty() {
-                checkpoint = Some(std::array::from_fn(|source| trackers[source].processed()));
-            }
-            for (source, tracker) in trackers.iter().enumerate() {
-                let position = tracker.position();
-                if position.is_some() && position != stored[source] {
-                    stored[source] = position;
-                    if let Some(offset) = position {
-                        let topic = &shared.config.topics.inputs[source];
-                        let _ = list.add_partition_offset(topic, partition, Offset::Offset(offset));
-                        shared.consumer.context().stored.stored(topic, partition, offset);
+            let now = (shared.now)();
+            if let Ok(mut trackers) = trackers.lock() {
+                for origin in &batch.finished {
+                    if origin.occurred_at != Timestamp::NEVER {
+                        let seconds = now.millis_since(origin.occurred_at) as f64 / 1000.0;
+                        shared.metrics.end_to_end_latency.observe(seconds.max(0.0));
                     }
+                    if let Some(appended) = origin.appended_at {
+                        let seconds = (now.millis() - appended) as f64 / 1000.0;
+                        shared.metrics.record_latency.observe(seconds.max(0.0));
+                    }
+                    trackers[origin.source].finished(origin.offset);
                 }
             }
+            writer.dirty |= !batch.finished.is_empty() || !batch.changelog.is_empty();
+            writer.pending.extend(batch.changelog);
         }
-        if let Some(checkpoint) = checkpoint {
-            let topic = changelog_topic;
-            let mut deliveries = Vec::with_capacity(batch.changelog.len() + 1);
-            for (key, value) in &batch.changelog {
-                let delivery = send_to(&shared.producer, topic, Some(partition), key, value.as_deref(), None).await;
-                deliveries.push((topic, delivery));
+        if writer.dirty && (last_write.elapsed() >= interval || writer.pending.len() >= MAX_PENDING_STATES) {
+            if !writer.write(&shared, &trackers).await {
+                return;
             }
-            let mut value = Vec::new();
-            encode_checkpoint(&checkpoint, &mut value);
+            last_write = Instant::now();
+        }
+    }
+}
+
+/// Contacts whose latest state is waiting to be written, coalesced.
+const MAX_PENDING_STATES: usize = 50_000;
+
+/// The changelog side of one partition's acker.
+struct ChangelogWriter {
+    topic: &'static str,
+    partition: i32,
+    /// Contact key -> latest encoded state (`None`: gone).
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Inputs finished or states changed since the last write.
+    dirty: bool,
+    /// The offsets stored last, per input topic.
+    stored: [Option<i64>; 3],
+}
+
+impl ChangelogWriter {
+    /// Writes the pending states and a checkpoint, waits for them, then stores the input
+    /// offsets. False when the producer is gone.
+    async fn write(&mut self, shared: &Shared, trackers: &Mutex<[OffsetTracker; 3]>) -> bool {
+        if !self.dirty {
+            return true;
+        }
+        let (checkpoint, positions): (Checkpoint, [Option<i64>; 3]) = match trackers.lock() {
+            Ok(trackers) => (
+                std::array::from_fn(|source| trackers[source].processed()),
+                std::array::from_fn(|source| trackers[source].position()),
+            ),
+            Err(_) => return false,
+        };
+        let mut deliveries = Vec::with_capacity(self.pending.len() + 1);
+        for (key, value) in std::mem::take(&mut self.pending) {
             let delivery = send_to(
                 &shared.producer,
-                topic,
-                Some(partition),
-                &CHECKPOINT_KEY,
-                Some(&value),
+                self.topic,
+                Some(self.partition),
+                &key,
+                value.as_deref(),
                 None,
             )
             .await;
-            deliveries.push((topic, delivery));
-            if !deliver(&shared, deliveries).await {
-                return;
+            deliveries.push((self.topic, delivery));
+        }
+        let mut value = Vec::new();
+        encode_checkpoint(&checkpoint, &mut value);
+        let delivery = send_to(
+            &shared.producer,
+            self.topic,
+            Some(self.partition),
+            &CHECKPOINT_KEY,
+            Some(&value),
+            None,
+        )
+        .await;
+        deliveries.push((self.topic, delivery));
+        if !deliver(shared, deliveries).await {
+            return false;
+        }
+        self.dirty = false;
+        let mut list = TopicPartitionList::new();
+        for (source, position) in positions.into_iter().enumerate() {
+            if position.is_some() && position != self.stored[source] {
+                self.stored[source] = position;
+                if let Some(offset) = position {
+                    let topic = &shared.config.topics.inputs[source];
+                    let _ = list.add_partition_offset(topic, self.partition, Offset::Offset(offset));
+                    shared.consumer.context().stored.stored(topic, self.partition, offset);
+                }
             }
         }
         if list.count() > 0 {
             if let Err(error) = shared.consumer.store_offsets(&list) {
                 // After a revocation the partition is no longer ours: benign.
-                tracing::debug!(partition, %error, "cannot store offsets");
+                tracing::debug!(partition = self.partition, %error, "cannot store offsets");
             }
         }
+        true
     }
 }
