@@ -53,7 +53,8 @@ pub struct EmbeddedReport {
     /// From the service's start until every fed record was processed, seconds (joining the
     /// consumer group included).
     pub seconds: f64,
-    /// From the first record processed until every fed record was, seconds.
+    /// From the first record processed until every fed record was, seconds (without `rate`,
+    /// every record was fed before the service started).
     pub processing_seconds: f64,
     /// Records per second over `processing_seconds`.
     pub records_per_second: f64,
@@ -132,7 +133,8 @@ pub async fn run_embedded(
     };
     let metrics_slot: Arc<std::sync::OnceLock<Arc<Metrics>>> = Arc::default();
     // At a fixed rate the figures are the service's latency when it keeps up, so feeding starts
-    // once it is consuming; as fast as possible, the records wait for it (a catch-up).
+    // once it is consuming. As fast as possible for a report, everything is fed before the
+    // service starts, so the figures are its catch-up alone.
     let feeder = tokio::spawn(feed(
         producer,
         topics.inputs.clone(),
@@ -140,6 +142,12 @@ pub async fn run_embedded(
         options.rate,
         (options.rate > 0).then(|| metrics_slot.clone()),
     ));
+    let feeder = if options.exit_when_done && options.rate == 0 {
+        let _ = feeder.await;
+        None
+    } else {
+        Some(feeder)
+    };
     let started = Instant::now();
     let cpu_before = cpu_seconds();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<(f64, f64)>();
@@ -156,7 +164,9 @@ pub async fn run_embedded(
         }
     };
     let metrics = run_with_slot(config, run_options, listener, stop, metrics_slot).await?;
-    feeder.abort();
+    if let Some(feeder) = feeder {
+        feeder.abort();
+    }
     drop(cluster);
     let Ok((seconds, processing_seconds)) = done_rx.await else {
         return Ok(None);
