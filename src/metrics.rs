@@ -48,11 +48,19 @@ pub const RECORD_LATENCY: &str = "lifecycle_record_latency_seconds";
 pub const PARTITION_STALLS: &str = "lifecycle_partition_stalls_total";
 /// `lifecycle_ready`.
 pub const READY: &str = "lifecycle_ready";
+/// `lifecycle_restored_records_total`.
+pub const RESTORED_RECORDS: &str = "lifecycle_restored_records_total";
+/// `lifecycle_restore_seconds` histogram.
+pub const RESTORE_SECONDS: &str = "lifecycle_restore_seconds";
+/// `lifecycle_restoring_partitions`.
+pub const RESTORING_PARTITIONS: &str = "lifecycle_restoring_partitions";
 
 /// Outcome label values of [`EVENTS_CONSUMED`].
 pub mod outcome {
     /// Applied by the engine.
     pub const PROCESSED: &str = "processed";
+    /// Already reflected in the state restored from the changelog: skipped.
+    pub const RESTORED: &str = "restored";
     /// Dropped as a duplicate `event_id`.
     pub const DUPLICATE: &str = "duplicate";
     /// Too late to change a stage.
@@ -99,6 +107,12 @@ pub struct Metrics {
     pub partition_stalls: IntCounterVec,
     /// 1 while `/readyz` answers ready.
     pub ready: IntGauge,
+    /// Changelog records read while restoring shards.
+    pub restored_records: IntCounter,
+    /// Time to restore one partition's shard, seconds.
+    pub restore_seconds: Histogram,
+    /// Partitions assigned and still restoring.
+    pub restoring_partitions: IntGauge,
 }
 
 impl Metrics {
@@ -141,6 +155,10 @@ impl Metrics {
             "1 while the instance is ready (every assigned partition consuming)",
         )?;
         registry.register(Box::new(ready.clone()))?;
+        let restored_records = IntCounter::new(RESTORED_RECORDS, "Changelog records read while restoring shards")?;
+        registry.register(Box::new(restored_records.clone()))?;
+        let restoring_partitions = IntGauge::new(RESTORING_PARTITIONS, "Partitions assigned and still restoring")?;
+        registry.register(Box::new(restoring_partitions.clone()))?;
         Ok(Metrics {
             events_consumed: counter_vec(
                 EVENTS_CONSUMED,
@@ -203,6 +221,13 @@ impl Metrics {
                 &["topic"],
             )?,
             ready,
+            restored_records,
+            restore_seconds: histogram(
+                RESTORE_SECONDS,
+                "Time to restore one partition's shard from the changelog, seconds",
+                vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
+            )?,
+            restoring_partitions,
             registry,
         })
     }

@@ -7,62 +7,22 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::broker::{
     committed_offsets, consume_all, consume_to_end, end_offsets, produce, topic_configs, unique_name, Record, Tansu,
 };
 use common::service::{
-    create_service_topics, generated_events, service_config, sum_samples, RunningService, CHANGELOG, TOPICS,
+    canonical_changes, create_service_topics, generated_events, replay_with_partitions, service_config, sum_samples,
+    RunningService, CHANGELOG, TOPICS,
 };
 use lifecycle_scorer::attribution::{normalise_email, sha256_hex};
-use lifecycle_scorer::codec::json::encode_event;
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store};
 use lifecycle_scorer::domain::{ContactEvent, ContactKey, ContactState, EventBody, PurchaseStatus, Source};
-use lifecycle_scorer::replay::{replay, ReplayOptions};
 use lifecycle_scorer::state::codec::{decode_checkpoint, decode_key, decode_state, Checkpoint, CHECKPOINT_KEY};
 use serde_json::Value;
 
 const PARTITIONS: i32 = 4;
-/// What `replay` publishes for `events` with the service's partitioning, as canonical JSON,
-/// and every contact's final state.
-fn replay_changes(events: &[ContactEvent]) -> (Vec<String>, BTreeMap<ContactKey, ContactState>) {
-    let config = lifecycle_scorer::config::Config::builtin().unwrap();
-    let input: String = events.iter().map(|event| encode_event(event) + "\n").collect();
-    let mut changes = Vec::new();
-    let mut errors = Vec::new();
-    let (_, processor) = replay(
-        Arc::new(config.engine),
-        config.processing,
-        input.as_bytes(),
-        &mut changes,
-        &mut errors,
-        ReplayOptions {
-            partitions: PARTITIONS as u32,
-            ..ReplayOptions::default()
-        },
-    )
-    .unwrap();
-    assert!(errors.is_empty(), "{}", String::from_utf8_lossy(&errors));
-    let mut lines: Vec<String> = String::from_utf8(changes)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str::<Value>(line).unwrap().to_string())
-        .collect();
-    lines.sort();
-    let states = processor
-        .shard()
-        .iter()
-        .map(|entry| {
-            let mut state = (**entry.value()).clone();
-            state.timer_bucket = 0;
-            (entry.key().clone(), state)
-        })
-        .collect();
-    (lines, states)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn run_publishes_exactly_what_replay_gives_and_commits_everything() {
     let broker = Tansu::start();
@@ -81,7 +41,7 @@ async fn run_publishes_exactly_what_replay_gives_and_commits_everything() {
     for (source, records) in per_topic.iter().enumerate() {
         produce(&bootstrap, TOPICS[source], records).await;
     }
-    let (expected, final_states) = replay_changes(&events);
+    let (expected, final_states) = replay_with_partitions(&events, PARTITIONS as u32);
     assert!(expected.len() > 5_000, "only {} stage changes", expected.len());
 
     let group = unique_name("oracle");
@@ -97,11 +57,7 @@ async fn run_publishes_exactly_what_replay_gives_and_commits_everything() {
 
     // An independent consumer reads the output topic.
     let published = consume_all(&bootstrap, TOPICS[3], expected.len(), Duration::from_secs(300)).await;
-    let mut got: Vec<String> = published
-        .iter()
-        .map(|record| serde_json::from_str::<Value>(record.payload_str()).unwrap().to_string())
-        .collect();
-    got.sort();
+    let got = canonical_changes(&published);
     if got != expected {
         let got_set: BTreeSet<&String> = got.iter().collect();
         let expected_set: BTreeSet<&String> = expected.iter().collect();

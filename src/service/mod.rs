@@ -11,6 +11,7 @@ pub mod embedded;
 mod kafka;
 mod offsets;
 pub mod owners;
+mod restore;
 mod schemas;
 mod task;
 
@@ -141,6 +142,7 @@ pub async fn run_with_metrics(
         encoder,
         schemas,
         consumer: consumer.clone(),
+        restoring: std::sync::atomic::AtomicUsize::new(0),
         now: options.now,
     });
     tracing::info!(
@@ -180,7 +182,11 @@ pub async fn run_with_metrics(
             },
             _ = readiness.tick() => {}
         }
-        let is_ready = assigned_once && brokers_up.load(Ordering::Relaxed);
+        let restoring = shared.restoring.load(Ordering::Acquire);
+        metrics
+            .restoring_partitions
+            .set(i64::try_from(restoring).unwrap_or(i64::MAX));
+        let is_ready = assigned_once && restoring == 0 && brokers_up.load(Ordering::Relaxed);
         ready.store(is_ready, Ordering::Relaxed);
         metrics.ready.set(i64::from(is_ready));
     }
@@ -277,6 +283,7 @@ async fn assign(
         if let Ok(index) = u32::try_from(partition) {
             shards.insert(index, shard.clone());
         }
+        shared.restoring.fetch_add(1, Ordering::AcqRel);
         let (control, commands) = mpsc::channel(8);
         let join = tokio::spawn(run_task(shared.clone(), partition, shard.clone(), queues, commands));
         tasks.insert(partition, TaskHandle { control, join, shard });

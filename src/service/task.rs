@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) encoder: OutputEncoder,
     pub(crate) schemas: Arc<Schemas>,
     pub(crate) consumer: Arc<Consumer_>,
+    /// Partition tasks still restoring their shard (the instance is not ready until none).
+    pub(crate) restoring: std::sync::atomic::AtomicUsize,
     /// The wall clock (edge): conversion staleness, idle timers, latency.
     pub(crate) now: fn() -> Timestamp,
 }
@@ -111,10 +113,12 @@ pub(crate) async fn run_task(
         Ok(store) => store,
         Err(error) => {
             tracing::error!(%error, "cannot load the configured schemas");
+            shared.restoring.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             return;
         }
     };
     let mut task = Task::new(shared.clone(), partition, shard, store, trackers, batches);
+    task.restore().await;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let batch_max = shared.config.tasks.batch_max_records;
@@ -184,8 +188,11 @@ struct Task {
     ready: Vec<(ContactEvent, Origin)>,
     changes: Vec<StageChange>,
     buffer: Vec<u8>,
-    /// `events_consumed` by input and outcome (processed, duplicate, late), resolved once.
-    consumed: [[prometheus::IntCounter; 3]; 3],
+    /// `events_consumed` by input and outcome (processed, duplicate, late, restored), resolved
+    /// once.
+    consumed: [[prometheus::IntCounter; 4]; 3],
+    /// Inputs the restored state already reflects, per input topic.
+    skip: Checkpoint,
 }
 
 fn leak(name: &str) -> &'static str {
@@ -210,7 +217,7 @@ impl Task {
         let mut processor = Processor::new(shared.engine.clone(), shard, shared.processing);
         processor.track_touched();
         let consumed = std::array::from_fn(|source| {
-            [outcome::PROCESSED, outcome::DUPLICATE, outcome::LATE].map(|label| {
+            [outcome::PROCESSED, outcome::DUPLICATE, outcome::LATE, outcome::RESTORED].map(|label| {
                 shared
                     .metrics
                     .events_consumed
@@ -238,8 +245,50 @@ impl Task {
             changes: Vec::new(),
             buffer: Vec::with_capacity(1024),
             consumed,
+            skip: Checkpoint::default(),
             shared,
         }
+    }
+
+    /// Rebuilds the shard from the changelog before any input is processed.
+    async fn restore(&mut self) {
+        let shared = self.shared.clone();
+        let started = Instant::now();
+        let config = super::kafka::consumer_config(&shared.config.kafka);
+        let topic = shared.config.topics.changelog.clone();
+        let partition = self.partition;
+        let read = tokio::task::spawn_blocking(move || super::restore::read_changelog(config, &topic, partition)).await;
+        match read {
+            Ok(Ok(restored)) => {
+                let contacts = restored.contacts.len();
+                for (key, state) in restored.contacts {
+                    shared
+                        .metrics
+                        .contacts
+                        .with_label_values(&[shared.engine.model.stage(state.stage).id.as_str()])
+                        .inc();
+                    self.processor.restore(key, Box::new(state));
+                }
+                self.skip = restored.checkpoint;
+                let seconds = started.elapsed().as_secs_f64();
+                shared.metrics.restored_records.inc_by(restored.records);
+                shared.metrics.restore_seconds.observe(seconds);
+                tracing::info!(
+                    partition,
+                    contacts,
+                    records = restored.records,
+                    seconds,
+                    "partition restored"
+                );
+            }
+            Ok(Err(error)) => tracing::error!(
+                partition,
+                error = format!("{error:#}"),
+                "restore failed: starting empty"
+            ),
+            Err(error) => tracing::error!(partition, %error, "restore failed: starting empty"),
+        }
+        shared.restoring.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     fn topic(&self, source: usize) -> &str {
@@ -270,6 +319,17 @@ impl Task {
             trackers[source].received(offset);
         }
         let appended_at = message.timestamp().to_millis();
+        if self.skip[source].contains(offset) {
+            // Already in the restored state: finished without processing it again.
+            self.consumed[source][3].inc();
+            self.batch.finished.push(Origin {
+                source,
+                offset,
+                occurred_at: Timestamp::NEVER,
+                appended_at: None,
+            });
+            return;
+        }
         match self.decode(Source::ALL[source], message.payload()).await {
             Ok(event) => {
                 let origin = Origin {

@@ -61,6 +61,71 @@ pub fn generated_events(contacts: u64, days: u32, seed: u64) -> Vec<ContactEvent
         .collect()
 }
 
+/// What `replay` writes for `events` processed as the service does with `partitions` input
+/// partitions: canonical JSON lines, sorted, and the final state of every contact.
+pub fn replay_with_partitions(
+    events: &[ContactEvent],
+    partitions: u32,
+) -> (
+    Vec<String>,
+    std::collections::BTreeMap<lifecycle_scorer::domain::ContactKey, lifecycle_scorer::domain::ContactState>,
+) {
+    let config = Config::builtin().expect("built-in config");
+    let input: String = events
+        .iter()
+        .map(|event| lifecycle_scorer::codec::json::encode_event(event) + "\n")
+        .collect();
+    let mut changes = Vec::new();
+    let mut errors = Vec::new();
+    let (_, processor) = lifecycle_scorer::replay::replay(
+        std::sync::Arc::new(config.engine),
+        config.processing,
+        input.as_bytes(),
+        &mut changes,
+        &mut errors,
+        lifecycle_scorer::replay::ReplayOptions {
+            partitions,
+            ..lifecycle_scorer::replay::ReplayOptions::default()
+        },
+    )
+    .expect("replay");
+    assert!(errors.is_empty(), "{}", String::from_utf8_lossy(&errors));
+    let mut lines: Vec<String> = String::from_utf8(changes)
+        .expect("UTF-8")
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .expect("JSON")
+                .to_string()
+        })
+        .collect();
+    lines.sort();
+    let states = processor
+        .shard()
+        .iter()
+        .map(|entry| {
+            let mut state = (**entry.value()).clone();
+            state.timer_bucket = 0;
+            (entry.key().clone(), state)
+        })
+        .collect();
+    (lines, states)
+}
+
+/// Canonical JSON of published stage changes, sorted, to compare with [`replay_with_partitions`].
+pub fn canonical_changes(records: &[super::broker::ConsumedRecord]) -> Vec<String> {
+    let mut lines: Vec<String> = records
+        .iter()
+        .map(|record| {
+            serde_json::from_str::<serde_json::Value>(record.payload_str())
+                .expect("JSON")
+                .to_string()
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
 /// A configuration for `run` against `bootstrap`: the built-in default with the test's own
 /// group and `extra` TOML appended (sections the test sets).
 pub fn service_config(bootstrap: &str, group: &str, extra: &str) -> Config {
