@@ -11,7 +11,7 @@ pub mod embedded;
 mod kafka;
 mod offsets;
 pub mod owners;
-mod restore;
+pub mod restore;
 mod schemas;
 mod task;
 

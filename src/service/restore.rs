@@ -18,17 +18,17 @@ use crate::state::codec::{decode_checkpoint, decode_key, decode_state, Checkpoin
 
 /// What a changelog partition holds.
 #[derive(Debug, Default)]
-pub(crate) struct Restored {
+pub struct Restored {
     /// Every live contact's latest state.
-    pub(crate) contacts: Vec<(ContactKey, ContactState)>,
+    pub contacts: Vec<(ContactKey, ContactState)>,
     /// The inputs those states reflect.
-    pub(crate) checkpoint: Checkpoint,
+    pub checkpoint: Checkpoint,
     /// Changelog records read.
-    pub(crate) records: u64,
+    pub records: u64,
 }
 
 /// Reads changelog partition `partition` of `topic` (blocking: run it off the async runtime).
-pub(crate) fn read_changelog(mut config: ClientConfig, topic: &str, partition: i32) -> anyhow::Result<Restored> {
+pub fn read_changelog(mut config: ClientConfig, topic: &str, partition: i32) -> anyhow::Result<Restored> {
     config
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
