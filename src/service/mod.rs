@@ -142,6 +142,7 @@ pub async fn run_with_metrics(
         encoder,
         schemas,
         consumer: consumer.clone(),
+        topics: task::OutputTopics::new(&service.topics),
         restoring: std::sync::atomic::AtomicUsize::new(0),
         now: options.now,
     });

@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) encoder: OutputEncoder,
     pub(crate) schemas: Arc<Schemas>,
     pub(crate) consumer: Arc<Consumer_>,
+    /// The output topics' names.
+    pub(crate) topics: OutputTopics,
     /// Partition tasks still restoring their shard (the instance is not ready until none).
     pub(crate) restoring: std::sync::atomic::AtomicUsize,
     /// The wall clock (edge): conversion staleness, idle timers, latency.
@@ -87,11 +89,28 @@ struct Batch {
     changelog: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
-/// Topic names the outputs go to (leaked once: they live as long as the process).
-struct OutputTopics {
+/// Topic names the outputs go to, `'static` for metric labels: made once per `run`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OutputTopics {
     stage_changes: &'static str,
     conversions: &'static str,
     dead_letters: &'static str,
+    changelog: &'static str,
+}
+
+impl OutputTopics {
+    /// The configured names (leaked: they live as long as the service).
+    pub(crate) fn new(topics: &crate::config::Topics) -> Self {
+        fn leak(name: &str) -> &'static str {
+            Box::leak(name.to_owned().into_boxed_str())
+        }
+        OutputTopics {
+            stage_changes: leak(&topics.stage_changes),
+            conversions: leak(&topics.conversions),
+            dead_letters: leak(&topics.dead_letters),
+            changelog: leak(&topics.changelog),
+        }
+    }
 }
 
 /// Runs the task for `partition` until told to stop (or every sender is gone).
@@ -195,10 +214,6 @@ struct Task {
     skip: Checkpoint,
 }
 
-fn leak(name: &str) -> &'static str {
-    Box::leak(name.to_owned().into_boxed_str())
-}
-
 impl Task {
     fn new(
         shared: Arc<Shared>,
@@ -209,11 +224,7 @@ impl Task {
         batches: mpsc::Sender<Batch>,
     ) -> Self {
         let config = &shared.config;
-        let topics = OutputTopics {
-            stage_changes: leak(&config.topics.stage_changes),
-            conversions: leak(&config.topics.conversions),
-            dead_letters: leak(&config.topics.dead_letters),
-        };
+        let topics = shared.topics;
         let mut processor = Processor::new(shared.engine.clone(), shard, shared.processing);
         processor.track_touched();
         let consumed = std::array::from_fn(|source| {
@@ -748,7 +759,7 @@ async fn acknowledge(
 ) {
     let interval = shared.config.tasks.changelog_interval;
     let mut writer = ChangelogWriter {
-        topic: leak(&shared.config.topics.changelog),
+        topic: shared.topics.changelog,
         partition,
         pending: BTreeMap::new(),
         dirty: false,
