@@ -111,8 +111,8 @@ impl ContactKey {
     }
 
     /// The key as the output records carry it: `(contact_id, anonymous_id)`, one of them set.
-    pub fn output_ids(&self) -> (Option<String>, Option<String>) {
-        let id = self.id.to_string();
+    pub fn output_ids(&self) -> (Option<&str>, Option<&str>) {
+        let id = self.id.as_str();
         if self.anonymous {
             (None, Some(id))
         } else {

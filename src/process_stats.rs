@@ -1,7 +1,8 @@
-//! The process's own memory figures, for benchmark reports (`replay`'s summary, the examples).
+//! The process's own memory and CPU figures, for benchmark reports (`replay`'s summary, the
+//! examples, `run --embedded --exit-when-done`).
 //!
-//! Reads `/proc/self/status` (Linux); elsewhere the figures are `None`. An edge: never used by
-//! the core.
+//! Reads `/proc/self/status` and `/proc/self/stat` (Linux); elsewhere the figures are `None`. An
+//! edge: never used by the core.
 
 /// Current resident set size, in bytes (`VmRSS`).
 pub fn resident_bytes() -> Option<u64> {
@@ -11,6 +12,17 @@ pub fn resident_bytes() -> Option<u64> {
 /// Peak resident set size since the process started, in bytes (`VmHWM`).
 pub fn peak_resident_bytes() -> Option<u64> {
     status_bytes("VmHWM:")
+}
+
+/// Process CPU time (user + system) in seconds, from `/proc/self/stat` (Linux).
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let user: f64 = fields.get(11)?.parse().ok()?;
+    let system: f64 = fields.get(12)?.parse().ok()?;
+    // The kernel reports these in USER_HZ, 100 per second on Linux.
+    Some((user + system) / 100.0)
 }
 
 fn status_bytes(field: &str) -> Option<u64> {

@@ -112,6 +112,19 @@ impl Processor {
         self.shard.remove(key).map(|(_, state)| state)
     }
 
+    /// Every contact's state without the timer wheel's bookkeeping (`timer_bucket`), which
+    /// depends on when timers were swept rather than on what happened: for comparing states.
+    pub fn states(&self) -> Vec<(ContactKey, ContactState)> {
+        self.shard
+            .iter()
+            .map(|entry| {
+                let mut state = (**entry.value()).clone();
+                state.timer_bucket = 0;
+                (entry.key().clone(), state)
+            })
+            .collect()
+    }
+
     /// The shard this processor writes.
     pub fn shard(&self) -> &Arc<Shard> {
         &self.shard

@@ -269,8 +269,8 @@ impl ContactReport {
         }
         let history = state.purchase_history();
         ContactReport {
-            contact_id,
-            anonymous_id,
+            contact_id: contact_id.map(str::to_owned),
+            anonymous_id: anonymous_id.map(str::to_owned),
             stage: model.stage(state.stage).id.clone(),
             stage_entered_at: format_timestamp(state.stage_entered_at),
             seconds_in_stage: now.millis_since(state.stage_entered_at).max(0) as f64 / 1000.0,

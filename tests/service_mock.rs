@@ -18,7 +18,7 @@ use common::service::{
     CHANGELOG, TOPICS,
 };
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store, shipped_schema};
-use lifecycle_scorer::domain::Source;
+use lifecycle_scorer::domain::{ContactEvent, Source};
 use lifecycle_scorer::partition::partition_for;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -26,18 +26,18 @@ use rdkafka::ClientConfig;
 
 const PARTITIONS: i32 = 4;
 
-/// Generated records as (topic index, key, framed Avro).
-fn records(contacts: u64, seed: u64) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
+/// `events` as input records: (topic index, key, framed Avro).
+fn records(events: &[ContactEvent]) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
     let store = shipped_input_store().unwrap();
-    generated_events(contacts, 90, seed)
-        .into_iter()
+    events
+        .iter()
         .map(|event| {
             let source = event.source();
             let key = event.key().unwrap().id.as_bytes().to_vec();
             (
                 source.index(),
                 key,
-                store.encode(shipped_input_schema_id(source), &event).unwrap(),
+                store.encode(shipped_input_schema_id(source), event).unwrap(),
             )
         })
         .collect()
@@ -79,7 +79,7 @@ async fn a_stopped_instance_hands_its_partitions_over_without_losing_records() {
     for topic in TOPICS.into_iter().chain([CHANGELOG]) {
         cluster.create_topic(topic, PARTITIONS, 1).unwrap();
     }
-    let all = records(1_500, 3);
+    let all = records(&generated_events(1_500, 90, 3));
     let (first, second) = all.split_at(all.len() / 2);
     feed(&bootstrap, first).await;
 
@@ -302,19 +302,7 @@ async fn a_restarted_instance_restores_its_state_and_goes_on_as_replay_would() {
         cluster.create_topic(topic, PARTITIONS, 1).unwrap();
     }
     let events = generated_events(1_500, 120, 8);
-    let store = shipped_input_store().unwrap();
-    let records: Vec<(usize, Vec<u8>, Vec<u8>)> = events
-        .iter()
-        .map(|event| {
-            let source = event.source();
-            let key = event.key().unwrap().id.as_bytes().to_vec();
-            (
-                source.index(),
-                key,
-                store.encode(shipped_input_schema_id(source), event).unwrap(),
-            )
-        })
-        .collect();
+    let records = records(&events);
     let (first, second) = records.split_at(records.len() / 2);
     // The mock broker ignores a member's leave: a short session makes the rejoin quick.
     let settings = concat!(

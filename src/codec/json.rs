@@ -316,8 +316,8 @@ impl StageChangeRecord {
         };
         StageChangeRecord {
             event_id: change.event_id.to_string(),
-            contact_id,
-            anonymous_id,
+            contact_id: contact_id.map(str::to_owned),
+            anonymous_id: anonymous_id.map(str::to_owned),
             seq: change.seq,
             from_stage: change.from.map(|stage| model.stage(stage).id.clone()),
             to_stage: model.stage(change.to).id.clone(),

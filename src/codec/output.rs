@@ -277,11 +277,7 @@ impl OutputEncoder {
                 message: error.to_string(),
             });
         };
-        let (contact_id, anonymous_id) = if change.key.anonymous {
-            (None, Some(change.key.id.as_str()))
-        } else {
-            (Some(change.key.id.as_str()), None)
-        };
+        let (contact_id, anonymous_id) = change.key.output_ids();
         let (trigger, trigger_event_id) = match &change.trigger {
             Trigger::Event(id) => (AvroTrigger::Event, Some(id.as_str())),
             Trigger::Timer => (AvroTrigger::Timer, None),

@@ -23,6 +23,7 @@ use crate::config::{Config, InputFormat};
 use crate::domain::{Source, Timestamp};
 use crate::generate::{generate, GenerateOptions};
 use crate::metrics::Metrics;
+use crate::process_stats::cpu_seconds;
 
 /// What to feed and how to run.
 #[derive(Clone, Debug)]
@@ -319,17 +320,6 @@ async fn feed(
         seconds = started.elapsed().as_secs_f64(),
         "input fed"
     );
-}
-
-/// Process CPU time (user + system) in seconds, from `/proc/self/stat` (Linux).
-pub fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let user: f64 = fields.get(11)?.parse().ok()?;
-    let system: f64 = fields.get(12)?.parse().ok()?;
-    // The kernel reports these in USER_HZ, 100 per second on Linux.
-    Some((user + system) / 100.0)
 }
 
 /// The q-quantile of a histogram, interpolated within its bucket as Prometheus does.

@@ -103,10 +103,8 @@ pub async fn run_with_metrics(
         &service.advertised_url,
         listener.local_addr()?,
     )));
-    let mut directory_config = kafka::consumer_config(&service.kafka);
-    directory_config.set("statistics.interval.ms", "0");
     let following = tokio::spawn(owners::follow(
-        directory_config,
+        kafka::consumer_config(&service.kafka),
         service.topics.instances.clone(),
         directory.clone(),
     ));
@@ -366,13 +364,9 @@ async fn check_topics(producer: &rdkafka::producer::FutureProducer, service: &Se
 /// Creates the compacted changelog topic, one partition per input partition.
 async fn create_changelog(service: &ServiceConfig, partitions: usize) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let mut config = rdkafka::ClientConfig::new();
-    for (key, value) in &service.kafka.producer_properties {
-        config.set(key, value);
-    }
-    config.set("bootstrap.servers", &service.kafka.bootstrap_servers);
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        config.create().context("cannot create an admin client")?;
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = kafka::producer_config(&service.kafka)
+        .create()
+        .context("cannot create an admin client")?;
     let name = &service.topics.changelog;
     let topic =
         NewTopic::new(name, i32::try_from(partitions)?, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");

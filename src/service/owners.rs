@@ -89,6 +89,7 @@ pub(crate) async fn follow(mut config: ClientConfig, topic: String, directory: A
     config
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "0")
         .set("auto.offset.reset", "earliest");
     let consumer: StreamConsumer = match config.create() {
         Ok(consumer) => consumer,

@@ -400,28 +400,19 @@ impl Task {
         tracing::debug!(topic, offset = message.offset(), reason = error.reason(), %error, "dead letter");
         let offset = message.offset().to_string();
         let message_text = error.to_string();
-        let partition_text = self.partition_label.clone();
-        let mut headers = OwnedHeaders::new_with_capacity(6)
-            .insert(Header {
-                key: "error.reason",
-                value: Some(error.reason()),
-            })
-            .insert(Header {
-                key: "error.message",
-                value: Some(message_text.as_str()),
-            })
-            .insert(Header {
-                key: "source.topic",
-                value: Some(topic.as_str()),
-            })
-            .insert(Header {
-                key: "source.partition",
-                value: Some(partition_text.as_str()),
-            })
-            .insert(Header {
-                key: "source.offset",
-                value: Some(offset.as_str()),
+        let mut headers = OwnedHeaders::new_with_capacity(5);
+        for (key, value) in [
+            ("error.reason", error.reason()),
+            ("error.message", message_text.as_str()),
+            ("source.topic", topic.as_str()),
+            ("source.partition", self.partition_label.as_str()),
+            ("source.offset", offset.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
             });
+        }
         if let Some(original) = message.headers() {
             for header in original.iter() {
                 headers = headers.insert(Header {

@@ -383,15 +383,7 @@ mod tests {
             ReplayOptions::default(),
         )
         .unwrap();
-        processor
-            .shard()
-            .iter()
-            .map(|entry| {
-                let mut state = (**entry.value()).clone();
-                state.timer_bucket = 0;
-                (entry.key().clone(), state)
-            })
-            .collect()
+        processor.states()
     }
 
     #[test]

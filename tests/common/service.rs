@@ -100,16 +100,7 @@ pub fn replay_with_partitions(
         })
         .collect();
     lines.sort();
-    let states = processor
-        .shard()
-        .iter()
-        .map(|entry| {
-            let mut state = (**entry.value()).clone();
-            state.timer_bucket = 0;
-            (entry.key().clone(), state)
-        })
-        .collect();
-    (lines, states)
+    (lines, processor.states().into_iter().collect())
 }
 
 /// Canonical JSON of published stage changes, sorted, to compare with [`replay_with_partitions`].
