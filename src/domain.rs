@@ -414,6 +414,84 @@ impl ContactEvent {
     }
 }
 
+/// A request to erase everything held about an identifier (GDPR Art. 17): from a tombstone on
+/// an input topic, or a deletion line in a replayed file. It removes the contact's state under
+/// each id it names.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Erasure {
+    /// The request's id: carried as the trigger of the deletion records it causes.
+    pub request_id: CompactString,
+    /// The identified contact to erase, if any.
+    pub contact_id: Option<CompactString>,
+    /// The anonymous visitor to erase, if any.
+    pub anonymous_id: Option<CompactString>,
+    /// When the request was made (event time: it erases what happened before it).
+    pub occurred_at: Timestamp,
+}
+
+impl Erasure {
+    /// A tombstone keyed by `id`: the input topics are keyed by `contact_id`, anonymous
+    /// clickstream by `anonymous_id`, so the key may be either and both are erased.
+    pub fn tombstone(id: &str, occurred_at: Timestamp) -> Self {
+        Erasure {
+            request_id: CompactString::from(format!("tombstone:{id}@{}", occurred_at.millis())),
+            contact_id: Some(id.into()),
+            anonymous_id: Some(id.into()),
+            occurred_at,
+        }
+    }
+
+    /// The keys to erase (both live on the same partition when they are the same id).
+    pub fn keys(&self) -> impl Iterator<Item = ContactKey> + '_ {
+        let contact = self.contact_id.iter().map(|id| ContactKey::contact(id.clone()));
+        let anonymous = self.anonymous_id.iter().map(|id| ContactKey::anonymous(id.clone()));
+        contact.chain(anonymous)
+    }
+
+    /// The id that decides the partition: `contact_id`, else `anonymous_id`.
+    pub fn routing_id(&self) -> Option<&str> {
+        self.contact_id.as_deref().or(self.anonymous_id.as_deref())
+    }
+}
+
+/// What one partition's processor consumes: events, and requests about contacts.
+// Events are the hot path and requests rare: boxing the event would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// A behavioural event from one of the three streams.
+    Event(ContactEvent),
+    /// An erasure request.
+    Erase(Erasure),
+}
+
+impl Input {
+    /// Event time.
+    pub fn occurred_at(&self) -> Timestamp {
+        match self {
+            Input::Event(event) => event.occurred_at,
+            Input::Erase(erasure) => erasure.occurred_at,
+        }
+    }
+
+    /// The canonical order of inputs at the same instant: the three streams in contract order,
+    /// then requests; within a kind, by id.
+    pub fn sort_key(&self) -> (Timestamp, usize, &str) {
+        match self {
+            Input::Event(event) => (event.occurred_at, event.source().index(), event.event_id.as_str()),
+            Input::Erase(erasure) => (erasure.occurred_at, Source::ALL.len(), erasure.request_id.as_str()),
+        }
+    }
+
+    /// The id that decides the input's partition.
+    pub fn routing_id(&self) -> Option<&str> {
+        match self {
+            Input::Event(event) => event.contact_id.as_deref().or(event.anonymous_id.as_deref()),
+            Input::Erase(erasure) => erasure.routing_id(),
+        }
+    }
+}
+
 /// A stage's index in the configured stage model (position in the `[[stages]]` list).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StageId(pub u8);
@@ -750,6 +828,9 @@ pub struct ContactState {
     pub timer_bucket: u32,
     /// When the current stage was entered.
     pub stage_entered_at: Timestamp,
+    /// When the contact was first seen. Part of its stage changes' ids, so that a contact
+    /// created again under the same key after an erasure never reuses an id.
+    pub born_at: Timestamp,
     /// The time the state has been advanced to (latest event or timer applied).
     pub clock: Timestamp,
     /// Last activity of any kind (for inactivity rules).
@@ -798,6 +879,7 @@ impl ContactState {
             engagement: 0.0,
             timer_bucket: 0,
             stage_entered_at: at,
+            born_at: at,
             clock: at,
             last_activity_at: at,
             engaged_at: at,
@@ -953,6 +1035,29 @@ pub struct StageChange {
     pub millis_in_previous: i64,
     /// Churn risk at the transition, for contacts scored by a purchase model.
     pub churn_risk: Option<f64>,
+    /// A move between stages, or the contact's end.
+    pub kind: ChangeKind,
+}
+
+/// What a stage-change record announces.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The contact moved from `from` to `to`.
+    #[default]
+    Transition,
+    /// The contact's state was erased on request; `from` is the stage it was in (and `to`
+    /// repeats it: there is no stage after).
+    Deleted,
+}
+
+impl ChangeKind {
+    /// The contract name (`transition`, `deletion`).
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            ChangeKind::Transition => "transition",
+            ChangeKind::Deleted => "deletion",
+        }
+    }
 }
 
 /// A stable 64-bit fingerprint of an identifier (FNV-1a), used for dedup slots and order ids.

@@ -10,7 +10,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::domain::StageChange;
+use crate::domain::{ChangeKind, StageChange};
 use crate::lifecycle::StageModel;
 use crate::state::Shard;
 
@@ -54,6 +54,8 @@ pub const RESTORED_RECORDS: &str = "lifecycle_restored_records_total";
 pub const RESTORE_SECONDS: &str = "lifecycle_restore_seconds";
 /// `lifecycle_restoring_partitions`.
 pub const RESTORING_PARTITIONS: &str = "lifecycle_restoring_partitions";
+/// `lifecycle_contacts_deleted_total`.
+pub const CONTACTS_DELETED: &str = "lifecycle_contacts_deleted_total";
 
 /// Outcome label values of [`EVENTS_CONSUMED`].
 pub mod outcome {
@@ -67,6 +69,8 @@ pub mod outcome {
     pub const LATE: &str = "late";
     /// Undecodable or invalid: sent to the dead-letter topic.
     pub const DEAD_LETTER: &str = "dead_letter";
+    /// A tombstone: an erasure request for its key.
+    pub const DELETION: &str = "deletion";
 }
 
 /// The registry and every metric in it.
@@ -113,6 +117,8 @@ pub struct Metrics {
     pub restore_seconds: Histogram,
     /// Partitions assigned and still restoring.
     pub restoring_partitions: IntGauge,
+    /// Contacts whose state was erased on request.
+    pub contacts_deleted: IntCounter,
 }
 
 impl Metrics {
@@ -159,6 +165,8 @@ impl Metrics {
         registry.register(Box::new(restored_records.clone()))?;
         let restoring_partitions = IntGauge::new(RESTORING_PARTITIONS, "Partitions assigned and still restoring")?;
         registry.register(Box::new(restoring_partitions.clone()))?;
+        let contacts_deleted = IntCounter::new(CONTACTS_DELETED, "Contacts whose state was erased on request")?;
+        registry.register(Box::new(contacts_deleted.clone()))?;
         Ok(Metrics {
             events_consumed: counter_vec(
                 EVENTS_CONSUMED,
@@ -228,12 +236,20 @@ impl Metrics {
                 vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
             )?,
             restoring_partitions,
+            contacts_deleted,
             registry,
         })
     }
 
     /// Counts a stage change: the transition, and the contacts per stage.
     pub fn record_stage_change(&self, change: &StageChange, model: &StageModel) {
+        if change.kind == ChangeKind::Deleted {
+            self.contacts_deleted.inc();
+            if let Some(from) = change.from {
+                self.contacts.with_label_values(&[model.stage(from).id.as_str()]).dec();
+            }
+            return;
+        }
         let to = model.stage(change.to).id.as_str();
         let from = change.from.map_or("none", |stage| model.stage(stage).id.as_str());
         self.stage_transitions.with_label_values(&[from, to]).inc();

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::Processing;
-use crate::domain::{ContactEvent, ContactKey, ContactState, StageChange, Timestamp};
+use crate::domain::{ContactEvent, ContactKey, ContactState, Erasure, Input, StageChange, Timestamp};
 use crate::lifecycle::{Applied, Engine};
 use crate::state::Shard;
 
@@ -28,6 +28,8 @@ pub struct ProcessorStats {
     pub stage_changes: u64,
     /// Stage changes emitted by timers during sweeps.
     pub timer_changes: u64,
+    /// Contacts erased on request.
+    pub erased: u64,
 }
 
 /// Applies events to one shard of contacts and drives their timers.
@@ -184,6 +186,48 @@ impl Processor {
         applied
     }
 
+    /// Handles one input: an event is [processed](Processor::process), an erasure request
+    /// [erases](Processor::erase). `None` for requests (they are not events to count).
+    pub fn handle(&mut self, input: &Input, out: &mut Vec<StageChange>) -> Option<Applied> {
+        match input {
+            Input::Event(event) => Some(self.process(event, out)),
+            Input::Erase(erasure) => {
+                self.erase(erasure, out);
+                None
+            }
+        }
+    }
+
+    /// Erases every contact the request names: the state leaves the shard (and, through the
+    /// touched set, the changelog) and a deletion record is pushed for each contact that was
+    /// held. Timers due before the request fire first, as for an event; a request for a
+    /// contact not held does nothing, so a repeated request is harmless.
+    pub fn erase(&mut self, erasure: &Erasure, out: &mut Vec<StageChange>) {
+        let at = erasure.occurred_at;
+        if at > self.watermark {
+            if self.bucket(at) > self.bucket(self.watermark) {
+                self.advance_to(at, out);
+            }
+            self.watermark = at;
+        }
+        for key in erasure.keys() {
+            let Some((key, mut state)) = self.shard.remove(&key) else {
+                continue;
+            };
+            let emitted_before = out.len();
+            self.engine.advance_to(&key, &mut state, at, out);
+            out.push(
+                self.engine
+                    .erased(&key, &state, at.max(state.clock), &erasure.request_id),
+            );
+            self.stats.stage_changes += (out.len() - emitted_before) as u64;
+            self.stats.erased += 1;
+            if let Some(touched) = &mut self.touched {
+                touched.push(key);
+            }
+        }
+    }
+
     /// Fires every timer due at or before `now` for every contact of the shard. Output is
     /// sorted by (time, contact, sequence) so it does not depend on map order.
     pub fn advance_to(&mut self, now: Timestamp, out: &mut Vec<StageChange>) {
@@ -253,5 +297,104 @@ fn file(
     if state.timer_bucket == 0 || bucket < state.timer_bucket {
         state.timer_bucket = bucket;
         wheel.entry(bucket).or_default().push(key.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::json::decode_event;
+    use crate::config::Config;
+    use crate::domain::ChangeKind;
+    use crate::state::new_shard;
+
+    const DAY: i64 = 86_400_000;
+
+    fn processor() -> Processor {
+        let config = Config::builtin().unwrap();
+        let mut processor = Processor::new(Arc::new(config.engine), Arc::new(new_shard(0)), config.processing);
+        processor.track_touched();
+        processor
+    }
+
+    fn signup(id: &str, event: &str, day: i64) -> ContactEvent {
+        let at = crate::codec::format_timestamp(Timestamp::from_millis(1_735_689_600_000 + day * DAY));
+        decode_event(
+            format!(r#"{{"source":"clickstream","event_id":"{event}","contact_id":"{id}","occurred_at":"{at}","type":"signup"}}"#)
+                .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn erasure(id: &str, day: i64) -> Erasure {
+        Erasure::tombstone(id, Timestamp::from_millis(1_735_689_600_000 + day * DAY))
+    }
+
+    #[test]
+    fn an_erasure_removes_the_state_and_announces_it_once() {
+        let mut processor = processor();
+        let mut out = Vec::new();
+        processor.process(&signup("c1", "e1", 0), &mut out);
+        processor.process(&signup("c2", "e2", 0), &mut out);
+        let last = out.iter().rfind(|change| change.key.id == "c1").unwrap().clone();
+        processor.take_touched();
+        out.clear();
+
+        processor.erase(&erasure("c1", 1), &mut out);
+        assert_eq!(out.len(), 1);
+        let deletion = &out[0];
+        assert_eq!(deletion.kind, ChangeKind::Deleted);
+        assert_eq!((deletion.key.id.as_str(), deletion.seq), ("c1", last.seq + 1));
+        assert_eq!(deletion.from, Some(last.to));
+        assert!(processor.shard().get(&ContactKey::contact("c1")).is_none());
+        assert!(
+            processor.shard().get(&ContactKey::contact("c2")).is_some(),
+            "others stay"
+        );
+        assert_eq!(
+            processor.take_touched(),
+            [ContactKey::contact("c1")],
+            "the changelog learns of it"
+        );
+        assert_eq!(processor.stats().erased, 1);
+
+        out.clear();
+        processor.erase(&erasure("c1", 2), &mut out);
+        processor.erase(&erasure("nobody", 2), &mut out);
+        assert!(out.is_empty(), "a repeated or unknown request changes nothing");
+    }
+
+    #[test]
+    fn a_contact_created_again_after_an_erasure_never_reuses_an_id() {
+        let mut processor = processor();
+        let mut before = Vec::new();
+        processor.process(&signup("c1", "e1", 0), &mut before);
+        processor.erase(&erasure("c1", 1), &mut before);
+        let mut after = Vec::new();
+        processor.process(&signup("c1", "e1", 2), &mut after);
+        assert!(
+            !after.is_empty(),
+            "the old event id is not remembered: it is a new contact"
+        );
+        assert_eq!(after[0].seq, 1);
+        for change in &after {
+            assert!(before.iter().all(|old| old.event_id != change.event_id));
+        }
+    }
+
+    #[test]
+    fn timers_due_before_an_erasure_fire_first() {
+        let mut processor = processor();
+        let mut out = Vec::new();
+        processor.process(&signup("c1", "e1", 0), &mut out);
+        out.clear();
+        // Leads go cold after 30 days without activity.
+        processor.erase(&erasure("c1", 40), &mut out);
+        let kinds: Vec<(ChangeKind, bool)> = out
+            .iter()
+            .map(|change| (change.kind.clone(), change.trigger == crate::domain::Trigger::Timer))
+            .collect();
+        assert_eq!(kinds, [(ChangeKind::Transition, true), (ChangeKind::Deleted, false)]);
+        assert_eq!(out[1].from, Some(out[0].to));
     }
 }

@@ -14,15 +14,15 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
-use crate::domain::{ContactEvent, Timestamp};
+use crate::domain::{Input, Timestamp};
 
 /// An event with its canonical sort key, and what the caller tagged it with.
 #[derive(Debug)]
-struct Pending<T>(ContactEvent, T);
+struct Pending<T>(Input, T);
 
 impl<T> Pending<T> {
-    fn key(&self) -> (Timestamp, crate::domain::Source, &str) {
-        (self.0.occurred_at, self.0.source(), self.0.event_id.as_str())
+    fn key(&self) -> (Timestamp, usize, &str) {
+        self.0.sort_key()
     }
 }
 
@@ -77,8 +77,8 @@ impl<T> ReorderBuffer<T> {
     }
 
     /// Adds an event and moves every event now ready onto `ready`, in canonical order.
-    pub fn push(&mut self, event: ContactEvent, tag: T, ready: &mut Vec<(ContactEvent, T)>) {
-        self.high_water = self.high_water.max(event.occurred_at);
+    pub fn push(&mut self, event: Input, tag: T, ready: &mut Vec<(Input, T)>) {
+        self.high_water = self.high_water.max(event.occurred_at());
         self.pending.push(Reverse(Pending(event, tag)));
         self.release_through(self.high_water.plus_millis(-self.window_millis), ready);
     }
@@ -90,11 +90,11 @@ impl<T> ReorderBuffer<T> {
 
     /// Releases, in canonical order, every event that happened at or before `at` (a caught-up
     /// partition: the wall clock stands in for the event time no later input will undercut).
-    pub fn release_through(&mut self, at: Timestamp, ready: &mut Vec<(ContactEvent, T)>) {
+    pub fn release_through(&mut self, at: Timestamp, ready: &mut Vec<(Input, T)>) {
         while self
             .pending
             .peek()
-            .is_some_and(|Reverse(next)| next.0.occurred_at <= at)
+            .is_some_and(|Reverse(next)| next.0.occurred_at() <= at)
         {
             if let Some(Reverse(Pending(event, tag))) = self.pending.pop() {
                 ready.push((event, tag));
@@ -103,7 +103,7 @@ impl<T> ReorderBuffer<T> {
     }
 
     /// Releases everything held, in canonical order (end of input, or an idle partition).
-    pub fn flush(&mut self, ready: &mut Vec<(ContactEvent, T)>) {
+    pub fn flush(&mut self, ready: &mut Vec<(Input, T)>) {
         while let Some(Reverse(Pending(event, tag))) = self.pending.pop() {
             ready.push((event, tag));
         }
@@ -122,7 +122,7 @@ mod tests {
     use crate::codec::json::decode_event;
     use proptest::prelude::*;
 
-    fn event(index: usize, millis: i64, source: usize) -> ContactEvent {
+    fn event(index: usize, millis: i64, source: usize) -> Input {
         let at = format_timestamp(Timestamp::from_millis(1_700_000_000_000 + millis));
         let line = match source % 3 {
             0 => format!(
@@ -135,17 +135,17 @@ mod tests {
                 r#"{{"source":"purchase","event_id":"e{index}","contact_id":"c","occurred_at":"{at}","order_id":"o{index}","amount":1,"currency":"EUR","status":"completed"}}"#
             ),
         };
-        decode_event(line.as_bytes()).unwrap()
+        Input::Event(decode_event(line.as_bytes()).unwrap())
     }
 
-    fn run(window: i64, events: Vec<ContactEvent>) -> Vec<String> {
+    fn run(window: i64, events: Vec<Input>) -> Vec<String> {
         let mut buffer = ReorderBuffer::new(window);
         let mut ready = Vec::new();
         for event in events {
             buffer.push(event, (), &mut ready);
         }
         buffer.flush(&mut ready);
-        ready.iter().map(|(event, ())| event.event_id.to_string()).collect()
+        ready.iter().map(|(event, ())| event.sort_key().2.to_owned()).collect()
     }
 
     proptest! {
@@ -171,7 +171,7 @@ mod tests {
             times in prop::collection::vec(0i64..100_000, 1..80),
             window in 0i64..10_000,
         ) {
-            let events: Vec<ContactEvent> = times.iter().enumerate().map(|(index, at)| event(index, *at, index)).collect();
+            let events: Vec<Input> = times.iter().enumerate().map(|(index, at)| event(index, *at, index)).collect();
             let mut got = run(window, events);
             got.sort();
             let mut expected: Vec<String> = (0..times.len()).map(|index| format!("e{index}")).collect();
@@ -188,15 +188,12 @@ mod tests {
         buffer.push(event(1, 100, 2), 1, &mut ready);
         assert!(ready.is_empty());
         buffer.push(event(2, 1_200, 0), 2, &mut ready);
-        let ids: Vec<(&str, i32)> = ready
-            .iter()
-            .map(|(event, tag)| (event.event_id.as_str(), *tag))
-            .collect();
+        let ids: Vec<(&str, i32)> = ready.iter().map(|(event, tag)| (event.sort_key().2, *tag)).collect();
         assert_eq!(ids, [("e1", 1)], "only what the window has passed, with its tag");
         assert_eq!(buffer.len(), 2);
         ready.clear();
         buffer.release_through(Timestamp::from_millis(1_700_000_000_600), &mut ready);
-        let ids: Vec<&str> = ready.iter().map(|(event, _)| event.event_id.as_str()).collect();
+        let ids: Vec<&str> = ready.iter().map(|(event, _)| event.sort_key().2).collect();
         assert_eq!(ids, ["e0"], "what happened by then, nothing later");
     }
 }

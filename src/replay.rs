@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::codec::format_timestamp;
-use crate::codec::json::{decode_event, StageChangeRecord};
+use crate::codec::json::{decode_input, StageChangeRecord};
 use crate::config::Processing;
 use crate::domain::{ContactKey, ContactState, StageChange, Timestamp};
 use crate::lifecycle::{Engine, StageModel};
@@ -100,16 +100,16 @@ pub fn replay(
             continue;
         }
         summary.lines += 1;
-        match decode_event(text) {
-            Ok(event) => {
+        match decode_input(text) {
+            Ok(input) => {
                 summary.events += 1;
-                let lane = match event.key() {
-                    Some(key) if partitions > 1 => partition_for(key.id.as_bytes(), partitions) as usize,
+                let lane = match input.routing_id() {
+                    Some(id) if partitions > 1 => partition_for(id.as_bytes(), partitions) as usize,
                     _ => 0,
                 };
-                reorders[lane].push(event, (), &mut ready);
-                for (event, ()) in ready.drain(..) {
-                    processors[lane].process(&event, &mut out);
+                reorders[lane].push(input, (), &mut ready);
+                for (input, ()) in ready.drain(..) {
+                    processors[lane].handle(&input, &mut out);
                 }
             }
             Err(error) => {
@@ -127,8 +127,8 @@ pub fn replay(
     }
     for (processor, reorder) in processors.iter_mut().zip(&mut reorders) {
         reorder.flush(&mut ready);
-        for (event, ()) in ready.drain(..) {
-            processor.process(&event, &mut out);
+        for (input, ()) in ready.drain(..) {
+            processor.handle(&input, &mut out);
         }
         if let Some(as_of) = options.as_of {
             processor.advance_to(as_of, &mut out);

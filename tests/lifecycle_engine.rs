@@ -69,7 +69,7 @@ fn path(records: &[StageChangeRecord]) -> Vec<(Option<&str>, &str, &str)> {
         .map(|record| {
             (
                 record.from_stage.as_deref(),
-                record.to_stage.as_str(),
+                record.to_stage.as_deref().unwrap_or("-"),
                 record.reason.as_str(),
             )
         })
@@ -219,7 +219,10 @@ fn a_quiet_customer_becomes_at_risk_then_lost_at_exact_crossing_times() {
     );
     processor.advance_to(t0.plus_millis(3 * 365 * DAY), &mut out);
     let records = records(&engine, &out);
-    let stages: Vec<&str> = records.iter().map(|record| record.to_stage.as_str()).collect();
+    let stages: Vec<&str> = records
+        .iter()
+        .map(|record| record.to_stage.as_deref().unwrap_or("-"))
+        .collect();
     assert_eq!(
         stages,
         ["customer", "repeat_customer", "at_risk", "lost_customer"],

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use lifecycle_scorer::domain::{ClickType, Platform, PurchaseStatus};
+use lifecycle_scorer::domain::{ChangeKind, ClickType, Platform, PurchaseStatus};
 use serde_json::Value;
 
 fn schema(name: &str) -> Value {
@@ -52,6 +52,10 @@ fn enum_symbols_match_the_domain() {
         symbols(&schema("purchase_event.avsc"), "status"),
         names(PurchaseStatus::ALL, PurchaseStatus::as_str)
     );
+    assert_eq!(
+        symbols(&schema("stage_change.avsc"), "kind"),
+        [ChangeKind::Transition, ChangeKind::Deleted].map(|kind| kind.as_str().to_owned())
+    );
 }
 
 #[test]
@@ -62,7 +66,7 @@ fn stage_change_fields_match_the_json_output() {
         anonymous_id: None,
         seq: 1,
         from_stage: None,
-        to_stage: String::new(),
+        to_stage: None,
         lost: false,
         reactivated: false,
         reason: String::new(),
@@ -72,6 +76,7 @@ fn stage_change_fields_match_the_json_output() {
         trigger_event_id: None,
         seconds_in_previous_stage: 0.0,
         churn_risk: None,
+        kind: String::new(),
     };
     let json = serde_json::to_value(&record).unwrap();
     let json_fields: Vec<String> = json.as_object().unwrap().keys().cloned().collect();

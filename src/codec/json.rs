@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{format_timestamp, parse_timestamp, DecodeError};
 use crate::domain::{
-    AdConversion, Click, ClickType, ContactEvent, EventBody, Platform, Purchase, PurchaseStatus, Source, StageChange,
-    Timestamp, Trigger,
+    AdConversion, ChangeKind, Click, ClickType, ContactEvent, Erasure, EventBody, Input, Platform, Purchase,
+    PurchaseStatus, Source, StageChange, Timestamp, Trigger,
 };
 use crate::lifecycle::StageModel;
 
@@ -147,13 +147,57 @@ pub fn decode_event(line: &[u8]) -> Result<ContactEvent, DecodeError> {
 
 fn from_wire(mut wire: WireEvent<'_>) -> Result<ContactEvent, DecodeError> {
     let source = symbol(wire.source.take(), field::SOURCE, Source::parse)?;
-    let occurred_at = parse_timestamp(&required(wire.occurred_at.take(), field::OCCURRED_AT)?).map_err(|reason| {
+    let occurred_at = wire_time(&mut wire)?;
+    build_event(wire, source, occurred_at)
+}
+
+fn wire_time(wire: &mut WireEvent<'_>) -> Result<Timestamp, DecodeError> {
+    parse_timestamp(&required(wire.occurred_at.take(), field::OCCURRED_AT)?).map_err(|reason| {
         DecodeError::InvalidField {
             field: field::OCCURRED_AT,
             reason,
         }
-    })?;
-    build_event(wire, source, occurred_at)
+    })
+}
+
+/// The `source` of an erasure request in a replayed file.
+pub const DELETION_SOURCE: &str = "deletion";
+
+/// Decodes one line of a replayed file: an event, or an erasure request
+/// (`{"source":"deletion","event_id":..,"contact_id":..,"anonymous_id":..,"occurred_at":..}`,
+/// naming at least one of the ids), which is what a tombstone on an input topic is to the
+/// service.
+pub fn decode_input(line: &[u8]) -> Result<Input, DecodeError> {
+    let text = std::str::from_utf8(line).map_err(|error| DecodeError::InvalidUtf8(error.valid_up_to()))?;
+    let mut wire: WireEvent<'_> = serde_json::from_str(text).map_err(|error| DecodeError::Json(error.to_string()))?;
+    if wire.source.as_deref() != Some(DELETION_SOURCE) {
+        return from_wire(wire).map(Input::Event);
+    }
+    let occurred_at = wire_time(&mut wire)?;
+    let erasure = Erasure {
+        request_id: CompactString::from(required(wire.event_id, field::EVENT_ID)?.as_ref()),
+        contact_id: compact(wire.contact_id),
+        anonymous_id: compact(wire.anonymous_id),
+        occurred_at,
+    };
+    if erasure.routing_id().is_none() {
+        return Err(DecodeError::MissingField(field::CONTACT_ID));
+    }
+    Ok(Input::Erase(erasure))
+}
+
+/// Encodes an erasure request as one line of a replayed file, the inverse of [`decode_input`].
+pub fn encode_erasure(erasure: &Erasure) -> String {
+    let wire = WireEvent {
+        source: Some(Cow::Borrowed(DELETION_SOURCE)),
+        event_id: Some(Cow::Borrowed(erasure.request_id.as_str())),
+        contact_id: erasure.contact_id.as_deref().map(Cow::Borrowed),
+        anonymous_id: erasure.anonymous_id.as_deref().map(Cow::Borrowed),
+        occurred_at: Some(Cow::Owned(format_timestamp(erasure.occurred_at))),
+        ..WireEvent::default()
+    };
+    // Serialising plain strings and options cannot fail.
+    serde_json::to_string(&wire).unwrap_or_default()
 }
 
 /// Validates the fields of a decoded record (JSON or Avro) into an event of `source` that
@@ -284,8 +328,8 @@ pub struct StageChangeRecord {
     pub seq: u32,
     /// Previous stage id, `null` on first sight.
     pub from_stage: Option<String>,
-    /// New stage id.
-    pub to_stage: String,
+    /// New stage id; `null` for a deletion (there is no stage after).
+    pub to_stage: Option<String>,
     /// True when `to_stage` is a lost stage.
     pub lost: bool,
     /// True when leaving a lost stage.
@@ -304,6 +348,8 @@ pub struct StageChangeRecord {
     pub seconds_in_previous_stage: f64,
     /// Churn risk at the transition, for scored customers.
     pub churn_risk: Option<f64>,
+    /// `transition`, or `deletion` when the contact's state was erased on request.
+    pub kind: String,
 }
 
 impl StageChangeRecord {
@@ -320,8 +366,8 @@ impl StageChangeRecord {
             anonymous_id: anonymous_id.map(str::to_owned),
             seq: change.seq,
             from_stage: change.from.map(|stage| model.stage(stage).id.clone()),
-            to_stage: model.stage(change.to).id.clone(),
-            lost: model.stage(change.to).lost,
+            to_stage: (change.kind == ChangeKind::Transition).then(|| model.stage(change.to).id.clone()),
+            lost: change.kind == ChangeKind::Transition && model.stage(change.to).lost,
             reactivated: change.reactivated,
             reason: change.reason.to_string(),
             skipped: change
@@ -334,6 +380,7 @@ impl StageChangeRecord {
             trigger_event_id,
             seconds_in_previous_stage: change.millis_in_previous as f64 / 1000.0,
             churn_risk: change.churn_risk,
+            kind: change.kind.as_str().to_owned(),
         }
     }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::avro::{SchemaError, MAGIC};
 use crate::attribution::ConversionRecord;
 use crate::codec::json::StageChangeRecord;
-use crate::domain::{StageChange, Trigger};
+use crate::domain::{ChangeKind, StageChange, Trigger};
 use crate::lifecycle::StageModel;
 
 /// The schemas shipped in `schemas/`, compiled in, by file name. Configuration refers to them as
@@ -136,7 +136,7 @@ struct AvroStageChange<'a> {
     anonymous_id: Option<&'a str>,
     seq: i32,
     from_stage: Option<&'a str>,
-    to_stage: &'a str,
+    to_stage: Option<&'a str>,
     lost: bool,
     reactivated: bool,
     reason: &'a str,
@@ -146,6 +146,14 @@ struct AvroStageChange<'a> {
     trigger_event_id: Option<&'a str>,
     seconds_in_previous_stage: f64,
     churn_risk: Option<f64>,
+    kind: AvroChangeKind,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum AvroChangeKind {
+    Transition,
+    Deletion,
 }
 
 #[derive(Serialize)]
@@ -282,14 +290,15 @@ impl OutputEncoder {
             Trigger::Event(id) => (AvroTrigger::Event, Some(id.as_str())),
             Trigger::Timer => (AvroTrigger::Timer, None),
         };
+        let transition = change.kind == ChangeKind::Transition;
         let record = AvroStageChange {
             event_id: change.event_id.to_string(),
             contact_id,
             anonymous_id,
             seq: i32::try_from(change.seq).unwrap_or(i32::MAX),
             from_stage: change.from.map(|stage| model.stage(stage).id.as_str()),
-            to_stage: model.stage(change.to).id.as_str(),
-            lost: model.stage(change.to).lost,
+            to_stage: transition.then(|| model.stage(change.to).id.as_str()),
+            lost: transition && model.stage(change.to).lost,
             reactivated: change.reactivated,
             reason: &change.reason,
             skipped: change
@@ -302,6 +311,10 @@ impl OutputEncoder {
             trigger_event_id,
             seconds_in_previous_stage: change.millis_in_previous as f64 / 1000.0,
             churn_risk: change.churn_risk,
+            kind: match change.kind {
+                ChangeKind::Transition => AvroChangeKind::Transition,
+                ChangeKind::Deleted => AvroChangeKind::Deletion,
+            },
         };
         writer.write("stage change", &record, out)
     }
@@ -365,6 +378,7 @@ mod tests {
             trigger: Trigger::Event("e9".into()),
             millis_in_previous: 1_500,
             churn_risk: Some(0.25),
+            kind: ChangeKind::Transition,
         }
     }
 
@@ -384,7 +398,10 @@ mod tests {
         );
         assert_eq!(field(&fields, "anonymous_id"), &Value::Union(0, Box::new(Value::Null)));
         assert_eq!(field(&fields, "seq"), &Value::Int(3));
-        assert_eq!(field(&fields, "to_stage"), &Value::String(json.to_stage));
+        assert_eq!(
+            field(&fields, "to_stage"),
+            &Value::Union(1, Box::new(Value::String(json.to_stage.unwrap())))
+        );
         assert_eq!(
             field(&fields, "occurred_at"),
             &Value::TimestampMillis(1_735_725_600_250)
@@ -395,6 +412,29 @@ mod tests {
             field(&fields, "churn_risk"),
             &Value::Union(1, Box::new(Value::Double(0.25)))
         );
+        assert_eq!(field(&fields, "kind"), &Value::Enum(0, "transition".into()));
+    }
+
+    #[test]
+    fn deletions_have_no_to_stage_in_either_format() {
+        let config = Config::builtin().unwrap();
+        let model = &config.engine.model;
+        let deletion = StageChange {
+            kind: ChangeKind::Deleted,
+            ..change()
+        };
+        let mut out = Vec::new();
+        OutputEncoder::avro(101, 102)
+            .unwrap()
+            .stage_change(&deletion, model, &mut out)
+            .unwrap();
+        let fields = read("stage_change.avsc", &out, 101);
+        assert_eq!(field(&fields, "to_stage"), &Value::Union(0, Box::new(Value::Null)));
+        assert_eq!(field(&fields, "kind"), &Value::Enum(1, "deletion".into()));
+        assert_eq!(field(&fields, "lost"), &Value::Boolean(false));
+        let json = StageChangeRecord::new(&deletion, model);
+        assert_eq!((json.to_stage, json.kind.as_str()), (None, "deletion"));
+        assert_eq!(json.from_stage.as_deref(), Some(model.stage(StageId(0)).id.as_str()));
     }
 
     #[test]

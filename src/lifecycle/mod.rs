@@ -31,8 +31,8 @@ use sha2::{Digest, Sha256};
 pub use model::{Conditions, Engagement, EventMatcher, Rule, StageDef, StageModel, StageSet};
 
 use crate::domain::{
-    fingerprint, ContactEvent, ContactKey, ContactState, EventBody, PurchaseHistory, StageChange, StageChangeId,
-    StageId, Timestamp, Trigger,
+    fingerprint, ChangeKind, ContactEvent, ContactKey, ContactState, EventBody, PurchaseHistory, StageChange,
+    StageChangeId, StageId, Timestamp, Trigger,
 };
 use crate::scoring::ChurnScorer;
 
@@ -521,7 +521,7 @@ impl Engine {
         }
         state.seq += 1;
         StageChange {
-            event_id: stage_change_id(key, state.seq),
+            event_id: stage_change_id(key, state.born_at, state.seq),
             key: key.clone(),
             seq: state.seq,
             from,
@@ -533,6 +533,29 @@ impl Engine {
             trigger,
             millis_in_previous,
             churn_risk: risk.get(&self.scorer, state),
+            kind: ChangeKind::Transition,
+        }
+    }
+
+    /// The record announcing that a contact's state was erased at `at` on request
+    /// `request_id` (the caller removes the state): the contact's next sequence number, from
+    /// the stage it was in.
+    pub fn erased(&self, key: &ContactKey, state: &ContactState, at: Timestamp, request_id: &str) -> StageChange {
+        let seq = state.seq + 1;
+        StageChange {
+            event_id: stage_change_id(key, state.born_at, seq),
+            key: key.clone(),
+            seq,
+            from: (state.seq > 0).then_some(state.stage),
+            to: state.stage,
+            occurred_at: at,
+            reason: Arc::from("deletion_request"),
+            skipped: Vec::new(),
+            reactivated: false,
+            trigger: Trigger::Event(request_id.into()),
+            millis_in_previous: at.millis_since(state.stage_entered_at).max(0),
+            churn_risk: None,
+            kind: ChangeKind::Deleted,
         }
     }
 }
@@ -556,14 +579,17 @@ impl Move {
     }
 }
 
-/// The deterministic id of a contact's `seq`-th stage change: the first 128 bits of SHA-256
-/// over the key and the sequence number, shown as a UUID-shaped hex string. A retry or a
-/// replay gives the same id, so consumers can drop duplicates by it.
-pub fn stage_change_id(key: &ContactKey, seq: u32) -> StageChangeId {
+/// The deterministic id of the `seq`-th stage change of the contact under `key` first seen at
+/// `born_at`: the first 128 bits of SHA-256 over the key, the birth time and the sequence
+/// number, shown as a UUID-shaped hex string. A retry or a replay gives the same id, so
+/// consumers can drop duplicates by it; a contact created again under the same key after an
+/// erasure is born later, so its ids differ from its predecessor's.
+pub fn stage_change_id(key: &ContactKey, born_at: Timestamp, seq: u32) -> StageChangeId {
     let mut hasher = Sha256::new();
     hasher.update(if key.anonymous { b"a" } else { b"c" });
     hasher.update(key.id.as_bytes());
     hasher.update(b"\0");
+    hasher.update(born_at.millis().to_be_bytes());
     hasher.update(seq.to_be_bytes());
     let digest = hasher.finalize();
     let mut id = [0u8; 16];
@@ -578,18 +604,25 @@ mod tests {
     #[test]
     fn stage_change_ids_are_stable_sha256_prefixes() {
         // Pinned: consumers dedupe on these ids across releases, so they must never change.
-        // Reference: python3 hashlib.sha256(b"c" + b"c1" + b"\0" + (1).to_bytes(4, "big")).
+        // Reference: python3 hashlib.sha256(b"c" + b"c1" + b"\0"
+        //     + (1735689600000).to_bytes(8, "big", signed=True) + (1).to_bytes(4, "big")).
+        let born = Timestamp::from_millis(1_735_689_600_000);
         assert_eq!(
-            stage_change_id(&ContactKey::contact("c1"), 1).to_string(),
-            "c8e0151b-09d3-a897-587f-bf10eaae1a72"
+            stage_change_id(&ContactKey::contact("c1"), born, 1).to_string(),
+            "b272baa4-d185-6175-7ba1-df29b8b00902"
         );
         assert_eq!(
-            stage_change_id(&ContactKey::anonymous("c1"), 1).to_string(),
-            "dc1c64cd-0d0f-5ba1-1ec8-d73d987855ca"
+            stage_change_id(&ContactKey::anonymous("c1"), born, 1).to_string(),
+            "f0860cfc-14db-dfc0-0f04-c1c79e13358a"
         );
         assert_ne!(
-            stage_change_id(&ContactKey::contact("c1"), 2),
-            stage_change_id(&ContactKey::contact("c1"), 1)
+            stage_change_id(&ContactKey::contact("c1"), born, 2),
+            stage_change_id(&ContactKey::contact("c1"), born, 1)
+        );
+        assert_ne!(
+            stage_change_id(&ContactKey::contact("c1"), born.plus_millis(1), 1),
+            stage_change_id(&ContactKey::contact("c1"), born, 1),
+            "a contact created again after an erasure gets new ids"
         );
     }
 }

@@ -30,7 +30,7 @@ use crate::codec::json::decode_event;
 use crate::codec::output::OutputEncoder;
 use crate::codec::DecodeError;
 use crate::config::{InputFormat, Processing, ServiceConfig};
-use crate::domain::{ContactEvent, Source, StageChange, Timestamp};
+use crate::domain::{ContactEvent, Erasure, Input, Source, StageChange, Timestamp};
 use crate::lifecycle::{Applied, Engine};
 use crate::metrics::{outcome, Metrics};
 use crate::processor::Processor;
@@ -75,7 +75,7 @@ struct Origin {
 
 /// A decoded record waiting to be merged.
 struct Queued {
-    event: ContactEvent,
+    event: Input,
     origin: Origin,
 }
 
@@ -204,12 +204,12 @@ struct Task {
     trackers: Arc<Mutex<[OffsetTracker; 3]>>,
     batches: mpsc::Sender<Batch>,
     batch: Batch,
-    ready: Vec<(ContactEvent, Origin)>,
+    ready: Vec<(Input, Origin)>,
     changes: Vec<StageChange>,
     buffer: Vec<u8>,
-    /// `events_consumed` by input and outcome (processed, duplicate, late, restored), resolved
-    /// once.
-    consumed: [[prometheus::IntCounter; 4]; 3],
+    /// `events_consumed` by input and outcome (processed, duplicate, late, restored,
+    /// deletion), resolved once.
+    consumed: [[prometheus::IntCounter; 5]; 3],
     /// Inputs the restored state already reflects, per input topic.
     skip: Checkpoint,
 }
@@ -228,7 +228,14 @@ impl Task {
         let mut processor = Processor::new(shared.engine.clone(), shard, shared.processing);
         processor.track_touched();
         let consumed = std::array::from_fn(|source| {
-            [outcome::PROCESSED, outcome::DUPLICATE, outcome::LATE, outcome::RESTORED].map(|label| {
+            [
+                outcome::PROCESSED,
+                outcome::DUPLICATE,
+                outcome::LATE,
+                outcome::RESTORED,
+                outcome::DELETION,
+            ]
+            .map(|label| {
                 shared
                     .metrics
                     .events_consumed
@@ -341,12 +348,24 @@ impl Task {
             });
             return;
         }
-        match self.decode(Source::ALL[source], message.payload()).await {
+        let decoded = match (message.payload(), message.key()) {
+            // A tombstone: the key's contact is to be erased.
+            (None, Some(key)) => match std::str::from_utf8(key) {
+                Ok(id) if !id.is_empty() => {
+                    let at = appended_at.map_or_else(self.shared.now, Timestamp::from_millis);
+                    Ok(Input::Erase(Erasure::tombstone(id, at)))
+                }
+                Ok(_) => Err(DecodeError::Empty),
+                Err(error) => Err(DecodeError::InvalidUtf8(error.valid_up_to())),
+            },
+            (payload, _) => self.decode(Source::ALL[source], payload).await.map(Input::Event),
+        };
+        match decoded {
             Ok(event) => {
                 let origin = Origin {
                     source,
                     offset,
-                    occurred_at: event.occurred_at,
+                    occurred_at: event.occurred_at(),
                     appended_at,
                 };
                 self.queued[source].push_back(Queued { event, origin });
@@ -458,8 +477,9 @@ impl Task {
                 Some(head) => {
                     let better = best.is_none_or(|current| {
                         let other = &self.queued[current][0].event;
-                        (head.event.occurred_at, source, head.event.event_id.as_str())
-                            < (other.occurred_at, current, other.event_id.as_str())
+                        let (at, _, id) = head.event.sort_key();
+                        let (other_at, _, other_id) = other.sort_key();
+                        (at, source, id) < (other_at, current, other_id)
                     });
                     if better {
                         best = Some(source);
@@ -512,18 +532,19 @@ impl Task {
         let shared = self.shared.clone();
         let now = (shared.now)();
         let mut released = std::mem::take(&mut self.ready);
-        for (event, origin) in released.drain(..) {
-            let applied = self.processor.process(&event, &mut self.changes);
+        for (input, origin) in released.drain(..) {
+            let applied = self.processor.handle(&input, &mut self.changes);
             let outcome = match applied {
-                Applied::Applied => 0,
-                Applied::Duplicate => 1,
-                Applied::TooLate => 2,
+                Some(Applied::Applied) => 0,
+                Some(Applied::Duplicate) => 1,
+                Some(Applied::TooLate) => 2,
+                None => 4,
             };
             self.consumed[origin.source][outcome].inc();
             self.produce_changes().await;
-            if applied != Applied::Duplicate {
+            if let (Input::Event(event), Some(Applied::Applied | Applied::TooLate)) = (&input, applied) {
                 if let Some(rules) = &shared.config.attribution {
-                    self.produce_conversions(rules, &event, now).await;
+                    self.produce_conversions(rules, event, now).await;
                 }
             }
             self.batch.finished.push(origin);

@@ -23,7 +23,7 @@ use crate::domain::{
 };
 
 /// The version this code writes.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 /// Why a changelog record could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,7 +127,12 @@ pub fn encode_state(state: &ContactState, out: &mut Vec<u8>) {
     put_varint(out, u64::from(state.seq));
     out.extend_from_slice(&state.engagement.to_le_bytes());
     put_signed(out, clock.millis());
-    for at in [state.stage_entered_at, state.last_activity_at, state.engaged_at] {
+    for at in [
+        state.stage_entered_at,
+        state.last_activity_at,
+        state.engaged_at,
+        state.born_at,
+    ] {
         put_time(out, at, clock);
     }
     // Which slots are filled (bit i = slot i), then those slots: positions matter (oldest
@@ -185,6 +190,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<ContactState, StateDecodeError> {
     let stage_entered_at = input.time(clock)?;
     let last_activity_at = input.time(clock)?;
     let engaged_at = input.time(clock)?;
+    let born_at = input.time(clock)?;
     let filled = input.byte()?;
     if u32::from(filled) >> RECENT_EVENTS != 0 {
         return Err(StateDecodeError::Malformed("recent-event slots out of range"));
@@ -201,6 +207,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<ContactState, StateDecodeError> {
     state.clock = clock;
     state.last_activity_at = last_activity_at;
     state.engaged_at = engaged_at;
+    state.born_at = born_at;
     state.recent_events = recent_events;
     if flags & 1 == 1 {
         let spans = input.count(2)?;

@@ -401,6 +401,8 @@ pub struct Record {
     pub headers: Vec<(String, Vec<u8>)>,
     /// `None` lets the producer's murmur2 partitioner choose, as a Java client would.
     pub partition: Option<i32>,
+    /// The record's create time, epoch milliseconds (`None`: the producer's clock).
+    pub timestamp: Option<i64>,
 }
 
 impl Record {
@@ -426,6 +428,11 @@ impl Record {
 
     pub fn partition(mut self, partition: i32) -> Record {
         self.partition = Some(partition);
+        self
+    }
+
+    pub fn timestamp(mut self, millis: i64) -> Record {
+        self.timestamp = Some(millis);
         self
     }
 }
@@ -462,6 +469,7 @@ pub async fn produce(bootstrap: &str, topic: &str, records: &[Record]) -> Vec<(i
         future_record.key = record.key.as_deref();
         future_record.payload = record.payload.as_deref();
         future_record.partition = record.partition;
+        future_record.timestamp = record.timestamp;
         loop {
             match producer.send_result(future_record) {
                 Ok(delivery) => {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use lifecycle_scorer::codec::json::decode_event;
 use lifecycle_scorer::config::Config;
-use lifecycle_scorer::domain::{ContactEvent, Timestamp};
+use lifecycle_scorer::domain::{ContactEvent, Input, Timestamp};
 use lifecycle_scorer::generate::{generate, GenerateOptions};
 use lifecycle_scorer::service::{run, RunOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,10 +70,28 @@ pub fn replay_with_partitions(
     Vec<String>,
     std::collections::BTreeMap<lifecycle_scorer::domain::ContactKey, lifecycle_scorer::domain::ContactState>,
 ) {
+    let inputs: Vec<Input> = events.iter().cloned().map(Input::Event).collect();
+    replay_inputs_with_partitions(&inputs, partitions)
+}
+
+/// [`replay_with_partitions`] of events and erasure requests, in the given order.
+pub fn replay_inputs_with_partitions(
+    inputs: &[Input],
+    partitions: u32,
+) -> (
+    Vec<String>,
+    std::collections::BTreeMap<lifecycle_scorer::domain::ContactKey, lifecycle_scorer::domain::ContactState>,
+) {
     let config = Config::builtin().expect("built-in config");
-    let input: String = events
+    let input: String = inputs
         .iter()
-        .map(|event| lifecycle_scorer::codec::json::encode_event(event) + "\n")
+        .map(|input| {
+            let line = match input {
+                Input::Event(event) => lifecycle_scorer::codec::json::encode_event(event),
+                Input::Erase(erasure) => lifecycle_scorer::codec::json::encode_erasure(erasure),
+            };
+            line + "\n"
+        })
         .collect();
     let mut changes = Vec::new();
     let mut errors = Vec::new();
