@@ -463,6 +463,40 @@ pub enum Input {
     Event(ContactEvent),
     /// An erasure request.
     Erase(Erasure),
+    /// At the anonymous visitor's partition: hand its state over to the contact it turned out
+    /// to be.
+    Identify(Identify),
+    /// At the contact's partition: merge the anonymous visitor's state handed over.
+    Adopt(Adoption),
+}
+
+/// A contact identified itself while carrying an anonymous id (a sign-up or form submission
+/// with both ids): the anonymous visitor's state is to move to the contact. Routed by the
+/// anonymous id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Identify {
+    /// The contact.
+    pub contact_id: CompactString,
+    /// The anonymous visitor it was.
+    pub anonymous_id: CompactString,
+    /// The identifying event's time.
+    pub occurred_at: Timestamp,
+    /// The identifying event's id: the trigger of the changes the merge causes.
+    pub event_id: CompactString,
+}
+
+/// The anonymous visitor's state on its way to the contact (`None` when none was held).
+/// Routed by the contact id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adoption {
+    /// The request it answers.
+    pub request: Identify,
+    /// The visitor's state as it was handed over.
+    pub state: Option<Box<ContactState>>,
+    /// The visitor was already handed to this contact: the request is a repeat (the contact's
+    /// partition processed the identifying event again after a crash) and its first answer is
+    /// on its way or in. Changes nothing.
+    pub repeated: bool,
 }
 
 impl Input {
@@ -471,6 +505,8 @@ impl Input {
         match self {
             Input::Event(event) => event.occurred_at,
             Input::Erase(erasure) => erasure.occurred_at,
+            Input::Identify(request) => request.occurred_at,
+            Input::Adopt(adoption) => adoption.request.occurred_at,
         }
     }
 
@@ -480,6 +516,12 @@ impl Input {
         match self {
             Input::Event(event) => (event.occurred_at, event.source().index(), event.event_id.as_str()),
             Input::Erase(erasure) => (erasure.occurred_at, Source::ALL.len(), erasure.request_id.as_str()),
+            Input::Identify(request) => (request.occurred_at, Source::ALL.len() + 1, request.event_id.as_str()),
+            Input::Adopt(adoption) => (
+                adoption.request.occurred_at,
+                Source::ALL.len() + 2,
+                adoption.request.event_id.as_str(),
+            ),
         }
     }
 
@@ -488,6 +530,8 @@ impl Input {
         match self {
             Input::Event(event) => event.contact_id.as_deref().or(event.anonymous_id.as_deref()),
             Input::Erase(erasure) => erasure.routing_id(),
+            Input::Identify(request) => Some(&request.anonymous_id),
+            Input::Adopt(adoption) => Some(&adoption.request.contact_id),
         }
     }
 }
@@ -751,22 +795,40 @@ impl Identity {
                 _ => self.get(*field).unwrap_or(""),
             })
             .collect();
+        *self = Identity::from_values(&values);
+    }
+
+    /// Packs one value per field, in [`IdentityField::ALL`] order (`""`: none).
+    fn from_values(values: &[&str]) -> Identity {
         let mut text = String::with_capacity(values.iter().map(|value| value.len()).sum());
         let mut ends = [0u16; 7];
-        for (end, value) in ends.iter_mut().zip(&values) {
+        for (end, value) in ends.iter_mut().zip(values) {
             text.push_str(value);
             // At most 7 * MAX_IDENTIFIER_BYTES, far below u16::MAX.
             *end = u16::try_from(text.len()).unwrap_or(u16::MAX);
         }
-        *self = Identity {
+        Identity {
             text: text.into_boxed_str(),
             ends,
-        };
+        }
     }
 
     /// True when nothing was seen.
     pub fn is_empty(&self) -> bool {
         self.text.is_empty()
+    }
+
+    /// Takes `other`'s identifiers where this one has none (a merged anonymous visitor's click
+    /// ids, say); this one's own win.
+    pub fn fill_from(&mut self, other: &Identity) {
+        if other.is_empty() {
+            return;
+        }
+        let values: Vec<&str> = IdentityField::ALL
+            .iter()
+            .map(|field| self.get(*field).or(other.get(*field)).unwrap_or(""))
+            .collect();
+        *self = Identity::from_values(&values);
     }
 
     /// The packed form: every value concatenated in [`IdentityField::ALL`] order, and where
@@ -856,6 +918,17 @@ pub struct ContactExtra {
     /// threshold of a rule that applies from its stage ([`Timestamp::NEVER`] if none). It only
     /// changes when purchases or the stage change, so timers need not recompute it per event.
     pub risk_due: Timestamp,
+    /// Anonymous visitors this contact turned out to be: asked for, or merged.
+    pub merges: Vec<Merge>,
+}
+
+/// An anonymous visitor's state asked for by a contact, or merged into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Merge {
+    /// [`fingerprint`] of the anonymous id.
+    pub anonymous: u64,
+    /// True once the state arrived (or was found to be absent).
+    pub done: bool,
 }
 
 impl Default for ContactExtra {
@@ -865,6 +938,7 @@ impl Default for ContactExtra {
             purchases: None,
             identity: Identity::default(),
             risk_due: Timestamp::NEVER,
+            merges: Vec::new(),
         }
     }
 }
@@ -911,6 +985,13 @@ impl ContactState {
     /// The purchase history, `None` for contacts who never bought.
     pub fn purchase_history(&self) -> Option<&PurchaseHistory> {
         self.extra.as_deref()?.purchases.as_deref()
+    }
+
+    /// True while a merge this contact asked for has not arrived: its inputs wait.
+    pub fn awaiting_merge(&self) -> bool {
+        self.extra
+            .as_deref()
+            .is_some_and(|extra| extra.merges.iter().any(|merge| !merge.done))
     }
 
     /// Identifiers seen, if any.
@@ -1048,14 +1129,18 @@ pub enum ChangeKind {
     /// The contact's state was erased on request; `from` is the stage it was in (and `to`
     /// repeats it: there is no stage after).
     Deleted,
+    /// The anonymous visitor turned out to be this contact (its `contact_id`); its state moved
+    /// there. `from` and `to` as for a deletion.
+    Merged(CompactString),
 }
 
 impl ChangeKind {
-    /// The contract name (`transition`, `deletion`).
+    /// The contract name (`transition`, `deletion`, `merge`).
     pub const fn as_str(&self) -> &'static str {
         match self {
             ChangeKind::Transition => "transition",
             ChangeKind::Deleted => "deletion",
+            ChangeKind::Merged(_) => "merge",
         }
     }
 }

@@ -56,6 +56,8 @@ pub const RESTORE_SECONDS: &str = "lifecycle_restore_seconds";
 pub const RESTORING_PARTITIONS: &str = "lifecycle_restoring_partitions";
 /// `lifecycle_contacts_deleted_total`.
 pub const CONTACTS_DELETED: &str = "lifecycle_contacts_deleted_total";
+/// `lifecycle_contacts_merged_total`.
+pub const CONTACTS_MERGED: &str = "lifecycle_contacts_merged_total";
 
 /// Outcome label values of [`EVENTS_CONSUMED`].
 pub mod outcome {
@@ -119,6 +121,8 @@ pub struct Metrics {
     pub restoring_partitions: IntGauge,
     /// Contacts whose state was erased on request.
     pub contacts_deleted: IntCounter,
+    /// Anonymous visitors merged into the contact they turned out to be.
+    pub contacts_merged: IntCounter,
 }
 
 impl Metrics {
@@ -167,6 +171,11 @@ impl Metrics {
         registry.register(Box::new(restoring_partitions.clone()))?;
         let contacts_deleted = IntCounter::new(CONTACTS_DELETED, "Contacts whose state was erased on request")?;
         registry.register(Box::new(contacts_deleted.clone()))?;
+        let contacts_merged = IntCounter::new(
+            CONTACTS_MERGED,
+            "Anonymous visitors merged into the contact they turned out to be",
+        )?;
+        registry.register(Box::new(contacts_merged.clone()))?;
         Ok(Metrics {
             events_consumed: counter_vec(
                 EVENTS_CONSUMED,
@@ -237,14 +246,20 @@ impl Metrics {
             )?,
             restoring_partitions,
             contacts_deleted,
+            contacts_merged,
             registry,
         })
     }
 
     /// Counts a stage change: the transition, and the contacts per stage.
     pub fn record_stage_change(&self, change: &StageChange, model: &StageModel) {
-        if change.kind == ChangeKind::Deleted {
-            self.contacts_deleted.inc();
+        if change.kind != ChangeKind::Transition {
+            // The contact's state ends here: erased, or merged into the contact it turned out
+            // to be.
+            match change.kind {
+                ChangeKind::Deleted => self.contacts_deleted.inc(),
+                _ => self.contacts_merged.inc(),
+            }
             if let Some(from) = change.from {
                 self.contacts.with_label_values(&[model.stage(from).id.as_str()]).dec();
             }

@@ -5,11 +5,16 @@
 //! its shard and a timer wheel; it does no I/O and reads no clock: event time drives everything,
 //! and idle-time timers come from the caller through [`Processor::advance_to`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use compact_str::CompactString;
 use std::sync::Arc;
 
 use crate::config::Processing;
-use crate::domain::{ContactEvent, ContactKey, ContactState, Erasure, Input, StageChange, Timestamp};
+use crate::domain::{
+    fingerprint, Adoption, ChangeKind, ContactEvent, ContactKey, ContactState, Erasure, Identify, Input, Merge,
+    StageChange, Timestamp,
+};
 use crate::lifecycle::{Applied, Engine};
 use crate::state::Shard;
 
@@ -30,6 +35,10 @@ pub struct ProcessorStats {
     pub timer_changes: u64,
     /// Contacts erased on request.
     pub erased: u64,
+    /// Anonymous visitors handed over to the contact they turned out to be.
+    pub merged_away: u64,
+    /// Handed-over visitors merged into their contact.
+    pub merged: u64,
 }
 
 /// Applies events to one shard of contacts and drives their timers.
@@ -49,6 +58,20 @@ pub struct Processor {
     /// Contacts whose state changed since [`Processor::take_touched`], when tracked (the
     /// service writes them to its changelog).
     touched: Option<Vec<ContactKey>>,
+    /// Merge requests and handovers made, to be routed (see [`Processor::take_outbox`]).
+    outbox: Vec<Input>,
+    /// Contacts that stopped waiting for a merge (see [`Processor::take_released`]).
+    released: Vec<ContactKey>,
+    /// Whether identifying events ask for the anonymous visitor's state (the caller routes
+    /// the requests: see [`Feeder`]).
+    merges: bool,
+    /// Anonymous visitors handed over, by anonymous id: the contact they went to. A repeated
+    /// request is answered as such, never with "nothing held" (which would race the first
+    /// answer at the contact's partition). Kept in the changelog.
+    handed: HashMap<CompactString, CompactString>,
+    /// Handover markers set (`Some`) or dropped (`None`) since the last
+    /// [`Processor::take_handovers`].
+    handed_changes: Vec<(CompactString, Option<CompactString>)>,
 }
 
 impl Processor {
@@ -62,7 +85,19 @@ impl Processor {
             watermark: Timestamp::MIN_VALID,
             stats: ProcessorStats::default(),
             touched: None,
+            outbox: Vec::new(),
+            released: Vec::new(),
+            merges: processing.merge_identities,
+            handed: HashMap::new(),
+            handed_changes: Vec::new(),
         }
+    }
+
+    /// Merges anonymous visitors into the contacts they turn out to be: identifying events make
+    /// requests to be routed by a [`Feeder`], and the contact's inputs wait for the answer.
+    /// Off by default, for callers that hand in events one by one and route nothing.
+    pub fn merge_identities(&mut self) {
+        self.merges = true;
     }
 
     /// Starts remembering which contacts change, for [`Processor::take_touched`].
@@ -144,13 +179,7 @@ impl Processor {
     /// Applies one event, pushing the stage changes it causes onto `out`. When the event moves
     /// the partition's clock into a new sweep bucket, other contacts' due timers fire first.
     pub fn process(&mut self, event: &ContactEvent, out: &mut Vec<StageChange>) -> Applied {
-        let at = event.occurred_at;
-        if at > self.watermark {
-            if self.bucket(at) > self.bucket(self.watermark) {
-                self.advance_to(at, out);
-            }
-            self.watermark = at;
-        }
+        self.tick(event.occurred_at, out);
         self.stats.events += 1;
         let Some(key) = event.key() else {
             debug_assert!(false, "decoded events always have a key");
@@ -168,11 +197,11 @@ impl Processor {
                 applied
             }
             None => {
-                let mut state = Box::new(self.engine.new_contact(at));
+                let mut state = Box::new(self.engine.new_contact(event.occurred_at));
                 let applied = self.engine.apply(&key, &mut state, event, out);
                 let due = self.engine.next_due(&state);
                 file(&mut self.wheel, self.sweep_millis, &key, &mut state, due);
-                self.shard.insert(key, state);
+                self.shard.insert(key.clone(), state);
                 self.stats.contacts_created += 1;
                 applied
             }
@@ -182,20 +211,198 @@ impl Processor {
             Applied::TooLate => self.stats.too_late += 1,
             Applied::Applied => {}
         }
+        if applied != Applied::Duplicate {
+            self.ask_for_merge(&key, event);
+        }
         self.stats.stage_changes += (out.len() - emitted_before) as u64;
         applied
     }
 
-    /// Handles one input: an event is [processed](Processor::process), an erasure request
-    /// [erases](Processor::erase). `None` for requests (they are not events to count).
-    pub fn handle(&mut self, input: &Input, out: &mut Vec<StageChange>) -> Option<Applied> {
-        match input {
-            Input::Event(event) => Some(self.process(event, out)),
-            Input::Erase(erasure) => {
-                self.erase(erasure, out);
-                None
+    /// Moves the partition's clock to `at`, firing other contacts' due timers first when it
+    /// enters a new sweep bucket.
+    fn tick(&mut self, at: Timestamp, out: &mut Vec<StageChange>) {
+        if at > self.watermark {
+            if self.bucket(at) > self.bucket(self.watermark) {
+                self.advance_to(at, out);
+            }
+            self.watermark = at;
+        }
+    }
+
+    /// When `event` identifies the contact as an anonymous visitor not asked for yet, records
+    /// the request (the contact waits for the answer) and queues it for the visitor's
+    /// partition.
+    fn ask_for_merge(&mut self, key: &ContactKey, event: &ContactEvent) {
+        if !self.merges {
+            return;
+        }
+        let Some(anonymous_id) = self.engine.identifies(event) else {
+            return;
+        };
+        let Some(mut state) = self.shard.get_mut(key) else {
+            return;
+        };
+        let anonymous = fingerprint(anonymous_id);
+        let merges = &mut state.extra_mut().merges;
+        if merges.iter().any(|merge| merge.anonymous == anonymous) {
+            return;
+        }
+        merges.push(Merge { anonymous, done: false });
+        self.outbox.push(Input::Identify(Identify {
+            contact_id: key.id.clone(),
+            anonymous_id: anonymous_id.into(),
+            occurred_at: event.occurred_at,
+            event_id: event.event_id.clone(),
+        }));
+    }
+
+    /// The contact whose input this is, when that contact waits for a merge: the input must
+    /// wait too (the caller holds it and hands it in again once [`Processor::take_released`]
+    /// names the contact).
+    pub fn must_wait(&self, input: &Input) -> Option<ContactKey> {
+        let Input::Event(event) = input else {
+            return None;
+        };
+        let key = event.key()?;
+        let waits = self.shard.get(&key).is_some_and(|state| state.awaiting_merge());
+        waits.then_some(key)
+    }
+
+    /// Requests for other partitions (or this one) made since the last call, in order: to be
+    /// routed by [`Input::routing_id`] and handed to that partition's processor.
+    pub fn take_outbox(&mut self) -> Vec<Input> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Contacts that stopped waiting for a merge since the last call: their held inputs go now.
+    pub fn take_released(&mut self) -> Vec<ContactKey> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Fires the timers a contact that waited for a merge missed meanwhile: those due by the
+    /// partition's clock (later ones fire with the sweeps, as for every contact). Called once
+    /// its held inputs are in, so that they come first, in their order.
+    pub fn catch_up(&mut self, key: &ContactKey, out: &mut Vec<StageChange>) {
+        let Some(mut state) = self.shard.get_mut(key) else {
+            return;
+        };
+        if state.awaiting_merge() {
+            return;
+        }
+        let emitted_before = out.len();
+        // Due by due, so the contact's clock ends at its last timer, not at wherever the
+        // partition's clock happened to be when the merge arrived.
+        for _ in 0..=self.engine.model.stages.len() {
+            let due = self.engine.next_due(&state);
+            if due > self.watermark {
+                break;
+            }
+            self.engine.advance_to(key, &mut state, due, out);
+        }
+        let due = self.engine.next_due(&state);
+        file(&mut self.wheel, self.sweep_millis, key, &mut state, due);
+        let fired = (out.len() - emitted_before) as u64;
+        if fired > 0 {
+            self.stats.stage_changes += fired;
+            self.stats.timer_changes += fired;
+            if let Some(touched) = &mut self.touched {
+                touched.push(key.clone());
             }
         }
+    }
+
+    /// Hands the anonymous visitor's state (if held) over to the contact it turned out to be:
+    /// it leaves the shard with a merge record, and an [`Adoption`] goes to the outbox.
+    fn hand_over(&mut self, request: &Identify, out: &mut Vec<StageChange>) {
+        if self.handed.get(&request.anonymous_id) == Some(&request.contact_id) {
+            self.outbox.push(Input::Adopt(Adoption {
+                request: request.clone(),
+                state: None,
+                repeated: true,
+            }));
+            return;
+        }
+        let key = ContactKey::anonymous(request.anonymous_id.clone());
+        let state = self.shard.remove(&key).map(|(key, state)| {
+            let at = request.occurred_at.max(state.clock);
+            let kind = ChangeKind::Merged(request.contact_id.clone());
+            out.push(self.engine.ended(&key, &state, at, &request.event_id, kind));
+            self.stats.stage_changes += 1;
+            self.stats.merged_away += 1;
+            if let Some(touched) = &mut self.touched {
+                touched.push(key);
+            }
+            state
+        });
+        if state.is_some() {
+            self.set_handed(request.anonymous_id.clone(), Some(request.contact_id.clone()));
+        }
+        self.outbox.push(Input::Adopt(Adoption {
+            request: request.clone(),
+            state,
+            repeated: false,
+        }));
+    }
+
+    fn set_handed(&mut self, anonymous_id: CompactString, contact_id: Option<CompactString>) {
+        match &contact_id {
+            Some(contact_id) => self.handed.insert(anonymous_id.clone(), contact_id.clone()),
+            None => self.handed.remove(&anonymous_id),
+        };
+        if self.touched.is_some() {
+            self.handed_changes.push((anonymous_id, contact_id));
+        }
+    }
+
+    /// Puts a handover marker restored from the changelog back.
+    pub fn restore_handover(&mut self, anonymous_id: CompactString, contact_id: CompactString) {
+        self.handed.insert(anonymous_id, contact_id);
+    }
+
+    /// Handover markers set or dropped since the last call, in order (for the changelog).
+    pub fn take_handovers(&mut self) -> Vec<(CompactString, Option<CompactString>)> {
+        std::mem::take(&mut self.handed_changes)
+    }
+
+    /// Merges a handed-over visitor into its contact (see [`Engine::adopt`]).
+    fn adopt(&mut self, adoption: &Adoption, out: &mut Vec<StageChange>) {
+        if adoption.repeated {
+            return;
+        }
+        let key = ContactKey::contact(adoption.request.contact_id.clone());
+        let emitted_before = out.len();
+        let mut waits = false;
+        if let Some(mut state) = self.shard.get_mut(&key) {
+            if self
+                .engine
+                .adopt(&key, &mut state, adoption.state.as_deref(), &adoption.request, out)
+            {
+                self.stats.merged += u64::from(adoption.state.is_some());
+                let due = self.engine.next_due(&state);
+                file(&mut self.wheel, self.sweep_millis, &key, &mut state, due);
+                if let Some(touched) = &mut self.touched {
+                    touched.push(key.clone());
+                }
+            }
+            waits = state.awaiting_merge();
+        }
+        self.stats.stage_changes += (out.len() - emitted_before) as u64;
+        if !waits {
+            self.released.push(key);
+        }
+    }
+
+    /// Handles one input: an event is [processed](Processor::process), an erasure request
+    /// [erases](Processor::erase), a merge request hands the visitor over, a handover is
+    /// merged. `None` for requests (they are not events to count).
+    pub fn handle(&mut self, input: &Input, out: &mut Vec<StageChange>) -> Option<Applied> {
+        match input {
+            Input::Event(event) => return Some(self.process(event, out)),
+            Input::Erase(erasure) => self.erase(erasure, out),
+            Input::Identify(request) => self.hand_over(request, out),
+            Input::Adopt(adoption) => self.adopt(adoption, out),
+        }
+        None
     }
 
     /// Erases every contact the request names: the state leaves the shard (and, through the
@@ -204,11 +411,18 @@ impl Processor {
     /// contact not held does nothing, so a repeated request is harmless.
     pub fn erase(&mut self, erasure: &Erasure, out: &mut Vec<StageChange>) {
         let at = erasure.occurred_at;
-        if at > self.watermark {
-            if self.bucket(at) > self.bucket(self.watermark) {
-                self.advance_to(at, out);
-            }
-            self.watermark = at;
+        self.tick(at, out);
+        // Handover markers name the visitor and the contact: both go.
+        let marked: Vec<CompactString> = self
+            .handed
+            .iter()
+            .filter(|(anonymous, contact)| {
+                erasure.anonymous_id.as_ref() == Some(*anonymous) || erasure.contact_id.as_ref() == Some(*contact)
+            })
+            .map(|(anonymous, _)| anonymous.clone())
+            .collect();
+        for anonymous in marked {
+            self.set_handed(anonymous, None);
         }
         for key in erasure.keys() {
             let Some((key, mut state)) = self.shard.remove(&key) else {
@@ -216,10 +430,15 @@ impl Processor {
             };
             let emitted_before = out.len();
             self.engine.advance_to(&key, &mut state, at, out);
+            let at = at.max(state.clock);
             out.push(
                 self.engine
-                    .erased(&key, &state, at.max(state.clock), &erasure.request_id),
+                    .ended(&key, &state, at, &erasure.request_id, ChangeKind::Deleted),
             );
+            if state.awaiting_merge() {
+                // Its held inputs go now, to a contact that starts afresh.
+                self.released.push(key.clone());
+            }
             self.stats.stage_changes += (out.len() - emitted_before) as u64;
             self.stats.erased += 1;
             if let Some(touched) = &mut self.touched {
@@ -245,6 +464,13 @@ impl Processor {
                 };
                 if state.timer_bucket != bucket {
                     continue; // stale: filed again earlier since
+                }
+                if state.awaiting_merge() {
+                    // Its clock stands still until the merge arrives: look again next bucket.
+                    let target = last.saturating_add(1);
+                    state.timer_bucket = target;
+                    refile.push((target, key));
+                    continue;
                 }
                 state.timer_bucket = 0;
                 if self.engine.next_due(&state) <= now {
@@ -273,6 +499,93 @@ impl Processor {
         self.stats.stage_changes += count;
         self.stats.timer_changes += count;
         self.watermark = self.watermark.max(now);
+    }
+}
+
+/// Feeds one partition's processor. Inputs of a contact that waits for a merge are held until
+/// it arrives, then handed in, in their order, before anything later; requests the processor
+/// makes for this partition are handed in at once, those for other partitions given back to be
+/// routed. Each input reaches the processor once, whatever it waited for, so the outcome does
+/// not depend on how long a merge took to arrive.
+#[derive(Debug)]
+pub struct Feeder<T> {
+    held: HashMap<ContactKey, Vec<(Input, Option<T>)>>,
+    queue: VecDeque<Step<T>>,
+}
+
+/// What a feeder does next.
+#[allow(clippy::large_enum_variant)] // as `Input`: nearly every step is an input
+#[derive(Debug)]
+enum Step<T> {
+    /// Hand in an input.
+    Input(Input, Option<T>),
+    /// A contact's held inputs are in: fire the timers it missed while it waited.
+    CatchUp(ContactKey),
+}
+
+impl<T> Default for Feeder<T> {
+    fn default() -> Self {
+        Feeder {
+            held: HashMap::new(),
+            queue: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> Feeder<T> {
+    /// Hands `input` (tagged by the caller; requests the processor makes carry no tag) and
+    /// everything it sets off here to `processor`. `here` tells whether a request belongs to
+    /// this partition; the others go to `elsewhere`. `handled` sees each input right after the
+    /// processor did, with what it made of it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn feed(
+        &mut self,
+        processor: &mut Processor,
+        input: Input,
+        tag: Option<T>,
+        out: &mut Vec<StageChange>,
+        here: impl Fn(&Input) -> bool,
+        elsewhere: &mut Vec<Input>,
+        mut handled: impl FnMut(&Processor, &Input, Option<T>, Option<Applied>),
+    ) {
+        self.queue.push_back(Step::Input(input, tag));
+        while let Some(step) = self.queue.pop_front() {
+            let (input, tag) = match step {
+                Step::Input(input, tag) => (input, tag),
+                Step::CatchUp(key) => {
+                    processor.catch_up(&key, out);
+                    continue;
+                }
+            };
+            if let Some(key) = processor.must_wait(&input) {
+                self.held.entry(key).or_default().push((input, tag));
+                continue;
+            }
+            let applied = processor.handle(&input, out);
+            handled(processor, &input, tag, applied);
+            let mut next = Vec::new();
+            for request in processor.take_outbox() {
+                if here(&request) {
+                    next.push(Step::Input(request, None));
+                } else {
+                    elsewhere.push(request);
+                }
+            }
+            for key in processor.take_released() {
+                let held = self.held.remove(&key).unwrap_or_default();
+                next.extend(held.into_iter().map(|(input, tag)| Step::Input(input, tag)));
+                next.push(Step::CatchUp(key));
+            }
+            // What this input set off goes before the inputs after it.
+            for item in next.into_iter().rev() {
+                self.queue.push_front(item);
+            }
+        }
+    }
+
+    /// Inputs held for contacts that wait for a merge.
+    pub fn held(&self) -> usize {
+        self.held.values().map(Vec::len).sum()
     }
 }
 
@@ -314,6 +627,7 @@ mod tests {
         let config = Config::builtin().unwrap();
         let mut processor = Processor::new(Arc::new(config.engine), Arc::new(new_shard(0)), config.processing);
         processor.track_touched();
+        processor.merge_identities();
         processor
     }
 
@@ -396,5 +710,200 @@ mod tests {
             .collect();
         assert_eq!(kinds, [(ChangeKind::Transition, true), (ChangeKind::Deleted, false)]);
         assert_eq!(out[1].from, Some(out[0].to));
+    }
+
+    fn click(contact: Option<&str>, anonymous: Option<&str>, event: &str, hour: i64, kind: &str, extra: &str) -> Input {
+        let at = crate::codec::format_timestamp(Timestamp::from_millis(1_735_689_600_000 + hour * 3_600_000));
+        let id = |value: Option<&str>| value.map_or("null".to_owned(), |value| format!("\"{value}\""));
+        let line = format!(
+            r#"{{"source":"clickstream","event_id":"{event}","contact_id":{},"anonymous_id":{},"occurred_at":"{at}","type":"{kind}"{extra}}}"#,
+            id(contact),
+            id(anonymous)
+        );
+        Input::Event(decode_event(line.as_bytes()).unwrap())
+    }
+
+    /// A visitor who put two things in the cart (with a Meta click id), then signed up.
+    fn visitor_then_signup() -> Vec<Input> {
+        vec![
+            click(None, Some("a1"), "v1", 1, "add_to_cart", r#","fbc":"fb.1.1.x""#),
+            click(None, Some("a1"), "v2", 2, "add_to_cart", ""),
+            click(Some("c1"), Some("a1"), "s1", 3, "signup", ""),
+            click(Some("c1"), None, "p1", 4, "page_view", ""),
+        ]
+    }
+
+    fn feed_all(processor: &mut Processor, inputs: Vec<Input>) -> Vec<StageChange> {
+        let mut feeder = Feeder::<()>::default();
+        let mut out = Vec::new();
+        let mut elsewhere = Vec::new();
+        for input in inputs {
+            feeder.feed(
+                processor,
+                input,
+                None,
+                &mut out,
+                |_| true,
+                &mut elsewhere,
+                |_, _, _, _| {},
+            );
+        }
+        assert!(elsewhere.is_empty());
+        out
+    }
+
+    fn summary(changes: &[StageChange]) -> Vec<String> {
+        let model = &Config::builtin().unwrap().engine.model;
+        let mut lines: Vec<String> = changes
+            .iter()
+            .map(|change| crate::codec::json::encode_stage_change(change, model))
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_sign_up_merges_the_anonymous_visitor_into_the_contact() {
+        let mut processor = processor();
+        let out = feed_all(&mut processor, visitor_then_signup());
+        let contact = ContactKey::contact("c1");
+        let visitor = ContactKey::anonymous("a1");
+        assert!(processor.shard().get(&visitor).is_none(), "the visitor's state moved");
+        let state = processor.shard().get(&contact).unwrap();
+        assert!(!state.awaiting_merge());
+        let identity = state.identity().unwrap();
+        assert_eq!(
+            identity.get(crate::domain::IdentityField::Fbc),
+            Some("fb.1.1.x"),
+            "its click id came along"
+        );
+        assert!(state.engagement > 9.0, "engagement adds up: {}", state.engagement);
+        let model = &processor.engine().model;
+        assert_eq!(
+            model.stage(state.stage).id,
+            "hot_lead",
+            "the merged engagement makes a hot lead"
+        );
+        let merge = out
+            .iter()
+            .find(|change| change.key == visitor && change.kind != ChangeKind::Transition)
+            .unwrap();
+        assert_eq!(merge.kind, ChangeKind::Merged("c1".into()));
+        let hot = out
+            .iter()
+            .find(|change| change.key == contact && model.stage(change.to).id == "hot_lead")
+            .unwrap();
+        assert_eq!(
+            hot.trigger,
+            crate::domain::Trigger::Event("s1".into()),
+            "caused by the sign-up"
+        );
+        assert_eq!(processor.stats().merged, 1);
+    }
+
+    #[test]
+    fn a_merge_across_partitions_gives_what_one_partition_gives() {
+        let month_later = Timestamp::from_millis(1_735_689_600_000 + 40 * DAY);
+        let mut single = processor();
+        let mut expected = feed_all(&mut single, visitor_then_signup());
+        single.advance_to(month_later, &mut expected);
+        let expected = summary(&expected);
+
+        // The visitor on one partition, the contact on another.
+        let (mut visitors, mut contacts) = (processor(), processor());
+        let (mut visitor_feeder, mut contact_feeder) = (Feeder::<()>::default(), Feeder::<()>::default());
+        let mut out = Vec::new();
+        let mut elsewhere = Vec::new();
+        let mine = |request: &Input| matches!(request, Input::Adopt(_));
+        let inputs = visitor_then_signup();
+        for input in inputs[..2].iter().cloned() {
+            visitor_feeder.feed(
+                &mut visitors,
+                input,
+                None,
+                &mut out,
+                |_| false,
+                &mut elsewhere,
+                |_, _, _, _| {},
+            );
+        }
+        for input in inputs[2..].iter().cloned() {
+            contact_feeder.feed(
+                &mut contacts,
+                input,
+                None,
+                &mut out,
+                mine,
+                &mut elsewhere,
+                |_, _, _, _| {},
+            );
+        }
+        assert_eq!(
+            contact_feeder.held(),
+            1,
+            "the contact's later click waits for the merge"
+        );
+        // Its timers wait too: a month on, the lead would have gone cold.
+        contacts.advance_to(month_later, &mut out);
+        assert!(out.iter().all(|change| change.trigger != crate::domain::Trigger::Timer));
+        let request = elsewhere.pop().unwrap();
+        assert!(matches!(request, Input::Identify(_)));
+        visitor_feeder.feed(
+            &mut visitors,
+            request,
+            None,
+            &mut out,
+            |_| false,
+            &mut elsewhere,
+            |_, _, _, _| {},
+        );
+        let handover = elsewhere.pop().unwrap();
+        contact_feeder.feed(
+            &mut contacts,
+            handover.clone(),
+            None,
+            &mut out,
+            mine,
+            &mut elsewhere,
+            |_, _, _, _| {},
+        );
+        assert_eq!(contact_feeder.held(), 0);
+        assert!(
+            out.iter().any(|change| change.trigger == crate::domain::Trigger::Timer),
+            "the timers it missed fire once merged"
+        );
+        contacts.advance_to(month_later, &mut out);
+        assert_eq!(summary(&out), expected);
+
+        // A handover delivered twice changes nothing.
+        let mut again = Vec::new();
+        contact_feeder.feed(
+            &mut contacts,
+            handover.clone(),
+            None,
+            &mut again,
+            mine,
+            &mut elsewhere,
+            |_, _, _, _| {},
+        );
+        assert!(again.is_empty());
+        // A request made again (the contact's partition crashed and processed the sign-up
+        // anew) is answered as a repeat, never as "nothing held", which could overtake the
+        // first answer; the marker is what the changelog keeps of it.
+        let Input::Adopt(first) = &handover else { unreachable!() };
+        visitor_feeder.feed(
+            &mut visitors,
+            Input::Identify(first.request.clone()),
+            None,
+            &mut again,
+            |_| false,
+            &mut elsewhere,
+            |_, _, _, _| {},
+        );
+        let Some(Input::Adopt(repeat)) = elsewhere.pop() else {
+            panic!("no answer")
+        };
+        assert!(repeat.repeated && repeat.state.is_none());
+        assert_eq!(visitors.take_handovers(), [("a1".into(), Some("c1".into()))]);
     }
 }

@@ -14,12 +14,15 @@ use serde::Serialize;
 use crate::codec::format_timestamp;
 use crate::codec::json::{decode_input, StageChangeRecord};
 use crate::config::Processing;
+use crate::domain::Input;
 use crate::domain::{ContactKey, ContactState, StageChange, Timestamp};
 use crate::lifecycle::{Engine, StageModel};
 use crate::partition::partition_for;
+use crate::processor::Feeder;
 use crate::processor::Processor;
 use crate::reorder::ReorderBuffer;
 use crate::state::new_shard;
+use std::collections::VecDeque;
 
 /// Options of a replay run.
 #[derive(Clone, Copy, Debug, Default)]
@@ -80,11 +83,7 @@ pub fn replay(
         .collect();
     let mut summary = ReplaySummary::default();
     let mut out: Vec<StageChange> = Vec::new();
-    // The same event-time ordering as the Kafka service, so both give the same answers.
-    let mut reorders: Vec<ReorderBuffer> = (0..partitions)
-        .map(|_| ReorderBuffer::new(processing.reorder_window_millis))
-        .collect();
-    let mut ready = Vec::new();
+    let mut lanes = Lanes::new(partitions, processing.reorder_window_millis);
     let mut error_count = 0u64;
     let mut input = input;
     let mut line = Vec::with_capacity(512);
@@ -103,14 +102,7 @@ pub fn replay(
         match decode_input(text) {
             Ok(input) => {
                 summary.events += 1;
-                let lane = match input.routing_id() {
-                    Some(id) if partitions > 1 => partition_for(id.as_bytes(), partitions) as usize,
-                    _ => 0,
-                };
-                reorders[lane].push(input, (), &mut ready);
-                for (input, ()) in ready.drain(..) {
-                    processors[lane].handle(&input, &mut out);
-                }
+                lanes.deliver(&mut processors, vec![input], &mut out);
             }
             Err(error) => {
                 *summary.errors.entry(error.reason()).or_default() += 1;
@@ -125,12 +117,9 @@ pub fn replay(
             out.clear();
         }
     }
-    for (processor, reorder) in processors.iter_mut().zip(&mut reorders) {
-        reorder.flush(&mut ready);
-        for (input, ()) in ready.drain(..) {
-            processor.handle(&input, &mut out);
-        }
-        if let Some(as_of) = options.as_of {
+    lanes.flush(&mut processors, &mut out);
+    if let Some(as_of) = options.as_of {
+        for processor in &mut processors {
             processor.advance_to(as_of, &mut out);
         }
     }
@@ -163,6 +152,91 @@ pub fn replay(
     }
     summary.as_of = Some(format_timestamp(options.as_of.unwrap_or(processor.watermark())));
     Ok((summary, processor))
+}
+
+/// The partitions of a replay, each with the reorder buffer and feeder the service gives it:
+/// inputs go to the partition of their key, and merge requests and handovers travel between
+/// partitions as they do through the service's identity topic (with the same event-time
+/// ordering at the receiving end), so both give the same answers.
+struct Lanes {
+    partitions: u32,
+    reorders: Vec<ReorderBuffer>,
+    feeders: Vec<Feeder<()>>,
+}
+
+impl Lanes {
+    fn new(partitions: u32, window_millis: i64) -> Self {
+        Lanes {
+            partitions,
+            reorders: (0..partitions).map(|_| ReorderBuffer::new(window_millis)).collect(),
+            feeders: (0..partitions).map(|_| Feeder::default()).collect(),
+        }
+    }
+
+    fn lane(&self, input: &Input) -> usize {
+        match input.routing_id() {
+            Some(id) if self.partitions > 1 => partition_for(id.as_bytes(), self.partitions) as usize,
+            _ => 0,
+        }
+    }
+
+    /// Pushes inputs into their partitions' reorder buffers and processes what they release,
+    /// following the requests that sets off until there are none.
+    fn deliver(&mut self, processors: &mut [Processor], inputs: Vec<Input>, out: &mut Vec<StageChange>) {
+        let mut work: VecDeque<Input> = inputs.into();
+        let mut ready = Vec::new();
+        while let Some(input) = work.pop_front() {
+            let lane = self.lane(&input);
+            self.reorders[lane].push(input, (), &mut ready);
+            self.process(processors, lane, &mut ready, &mut work, out);
+        }
+    }
+
+    /// Releases everything held (end of input), until no request is left in flight.
+    fn flush(&mut self, processors: &mut [Processor], out: &mut Vec<StageChange>) {
+        let mut ready = Vec::new();
+        let mut work = VecDeque::new();
+        loop {
+            for lane in 0..self.reorders.len() {
+                self.reorders[lane].flush(&mut ready);
+                self.process(processors, lane, &mut ready, &mut work, out);
+            }
+            if work.is_empty() {
+                return;
+            }
+            self.deliver(processors, work.drain(..).collect(), out);
+        }
+    }
+
+    fn process(
+        &mut self,
+        processors: &mut [Processor],
+        lane: usize,
+        ready: &mut Vec<(Input, ())>,
+        work: &mut VecDeque<Input>,
+        out: &mut Vec<StageChange>,
+    ) {
+        let mut elsewhere = Vec::new();
+        for (input, ()) in ready.drain(..) {
+            let partitions = self.partitions;
+            let here = |request: &Input| {
+                partitions <= 1
+                    || request
+                        .routing_id()
+                        .is_none_or(|id| partition_for(id.as_bytes(), partitions) as usize == lane)
+            };
+            self.feeders[lane].feed(
+                &mut processors[lane],
+                input,
+                None,
+                out,
+                here,
+                &mut elsewhere,
+                |_, _, _, _| {},
+            );
+        }
+        work.extend(elsewhere);
+    }
 }
 
 fn write_changes(changes: &[StageChange], model: &StageModel, out: &mut dyn Write) -> io::Result<()> {

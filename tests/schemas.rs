@@ -54,7 +54,12 @@ fn enum_symbols_match_the_domain() {
     );
     assert_eq!(
         symbols(&schema("stage_change.avsc"), "kind"),
-        [ChangeKind::Transition, ChangeKind::Deleted].map(|kind| kind.as_str().to_owned())
+        [
+            ChangeKind::Transition,
+            ChangeKind::Deleted,
+            ChangeKind::Merged("c".into())
+        ]
+        .map(|kind| kind.as_str().to_owned())
     );
 }
 
@@ -77,6 +82,7 @@ fn stage_change_fields_match_the_json_output() {
         seconds_in_previous_stage: 0.0,
         churn_risk: None,
         kind: String::new(),
+        merged_into: None,
     };
     let json = serde_json::to_value(&record).unwrap();
     let json_fields: Vec<String> = json.as_object().unwrap().keys().cloned().collect();

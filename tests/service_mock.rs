@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::broker::{committed_offsets, consume_to_end, end_offsets};
 use common::service::{
     canonical_changes, generated_events, replay_with_partitions, service_config, sum_samples, RunningService,
-    CHANGELOG, TOPICS,
+    CHANGELOG, IDENTITY, TOPICS,
 };
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store, shipped_schema};
 use lifecycle_scorer::domain::{ContactEvent, Source};
@@ -75,8 +75,8 @@ fn owned_partitions(metrics: &str) -> usize {
 async fn a_stopped_instance_hands_its_partitions_over_without_losing_records() {
     let cluster = MockCluster::new(1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    // The mock broker has no admin API: the changelog too is created here.
-    for topic in TOPICS.into_iter().chain([CHANGELOG]) {
+    // The mock broker has no admin API: the service's own topics are created here too.
+    for topic in TOPICS.into_iter().chain([CHANGELOG, IDENTITY]) {
         cluster.create_topic(topic, PARTITIONS, 1).unwrap();
     }
     let all = records(&generated_events(1_500, 90, 3));
@@ -210,8 +210,8 @@ async fn fake_registry(id: u32, schema: String) -> (std::net::SocketAddr, Arc<At
 async fn writer_schemas_come_from_the_registry_once_and_unknown_ids_are_dead_lettered() {
     let cluster = MockCluster::new(1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    // The mock broker has no admin API: the changelog too is created here.
-    for topic in TOPICS.into_iter().chain([CHANGELOG]) {
+    // The mock broker has no admin API: the service's own topics are created here too.
+    for topic in TOPICS.into_iter().chain([CHANGELOG, IDENTITY]) {
         cluster.create_topic(topic, PARTITIONS, 1).unwrap();
     }
     // The upstream team added a field: a backward-compatible change under a new id.
@@ -298,7 +298,7 @@ async fn settle(service: &RunningService, records: usize) -> String {
 async fn a_restarted_instance_restores_its_state_and_goes_on_as_replay_would() {
     let cluster = MockCluster::new(1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
-    for topic in TOPICS.into_iter().chain([CHANGELOG]) {
+    for topic in TOPICS.into_iter().chain([CHANGELOG, IDENTITY]) {
         cluster.create_topic(topic, PARTITIONS, 1).unwrap();
     }
     let events = generated_events(1_500, 120, 8);

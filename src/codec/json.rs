@@ -348,8 +348,11 @@ pub struct StageChangeRecord {
     pub seconds_in_previous_stage: f64,
     /// Churn risk at the transition, for scored customers.
     pub churn_risk: Option<f64>,
-    /// `transition`, or `deletion` when the contact's state was erased on request.
+    /// `transition`; `deletion` when the contact's state was erased on request; `merge` when an
+    /// anonymous visitor's state moved to the contact it turned out to be.
     pub kind: String,
+    /// For a merge: the contact the anonymous visitor's state moved to.
+    pub merged_into: Option<String>,
 }
 
 impl StageChangeRecord {
@@ -381,6 +384,10 @@ impl StageChangeRecord {
             seconds_in_previous_stage: change.millis_in_previous as f64 / 1000.0,
             churn_risk: change.churn_risk,
             kind: change.kind.as_str().to_owned(),
+            merged_into: match &change.kind {
+                ChangeKind::Merged(into) => Some(into.to_string()),
+                _ => None,
+            },
         }
     }
 }

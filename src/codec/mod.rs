@@ -64,6 +64,10 @@ pub enum DecodeError {
     /// No payload at all.
     #[error("empty record")]
     Empty,
+    /// A record of the service's own topics (the identity topic) that does not read: written by
+    /// a newer version, or damaged.
+    #[error("unreadable internal record: {0}")]
+    Internal(String),
     /// A valid event of another source than the topic carries.
     #[error("a `{got}` event on a topic of `{expected}` events")]
     WrongSource {
@@ -89,6 +93,7 @@ impl DecodeError {
             DecodeError::Oversized { .. } => "oversized",
             DecodeError::Empty => "empty_record",
             DecodeError::WrongSource { .. } => "wrong_source",
+            DecodeError::Internal(_) => "invalid_internal_record",
         }
     }
 }

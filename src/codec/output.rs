@@ -147,6 +147,7 @@ struct AvroStageChange<'a> {
     seconds_in_previous_stage: f64,
     churn_risk: Option<f64>,
     kind: AvroChangeKind,
+    merged_into: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -154,6 +155,7 @@ struct AvroStageChange<'a> {
 enum AvroChangeKind {
     Transition,
     Deletion,
+    Merge,
 }
 
 #[derive(Serialize)]
@@ -314,6 +316,11 @@ impl OutputEncoder {
             kind: match change.kind {
                 ChangeKind::Transition => AvroChangeKind::Transition,
                 ChangeKind::Deleted => AvroChangeKind::Deletion,
+                ChangeKind::Merged(_) => AvroChangeKind::Merge,
+            },
+            merged_into: match &change.kind {
+                ChangeKind::Merged(into) => Some(into.as_str()),
+                _ => None,
             },
         };
         writer.write("stage change", &record, out)

@@ -128,6 +128,7 @@ struct RawProcessing {
     late_event_grace_hours: f64,
     reorder_window_seconds: f64,
     timer_sweep_minutes: f64,
+    merge_identities: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +174,9 @@ pub struct Processing {
     pub timer_sweep_millis: i64,
     /// Event-time reordering window, in milliseconds (see `crate::reorder`).
     pub reorder_window_millis: i64,
+    /// Merge anonymous visitors into the contacts they turn out to be (see
+    /// `Processor::merge_identities`).
+    pub merge_identities: bool,
 }
 
 /// A validated configuration.
@@ -656,6 +660,7 @@ fn validate(raw: RawConfig, lines: &TableLines) -> std::result::Result<Config, V
         processing: Processing {
             timer_sweep_millis: days_to_millis(raw.processing.timer_sweep_minutes / (24.0 * 60.0)).max(1),
             reorder_window_millis: days_to_millis(raw.processing.reorder_window_seconds / 86_400.0),
+            merge_identities: raw.processing.merge_identities,
         },
         service,
         warnings: warnings.0,
@@ -784,6 +789,9 @@ min_churn_risk = 1.5
             r#"
 [kafka.properties]
 "group.id" = "sneaky"
+[kafka.consumer_properties]
+"partition.assignment.strategy" = "cooperative-sticky"
+"group.protocol" = "consumer"
 [topics]
 purchases = "bad topic!"
 dead_letters = "clickstream"
@@ -804,6 +812,8 @@ rules = [{ on = "purchase:exploded", meta = "Purchase" }, { on = "purchase:*" }]
         .to_string();
         for expected in [
             "kafka.consumer_properties.\"group.id\"",
+            "kafka.consumer_properties.\"partition.assignment.strategy\": `cooperative-sticky` may give partition p",
+            "kafka.consumer_properties.\"group.protocol\": `consumer` is not supported",
             "topics.purchases: `bad topic!` is not a valid topic name",
             "topics.dead_letters: `clickstream` is already used by topics.clickstream",
             "output.stage_change_schema_id: required when output.format = \"avro\"",
@@ -824,9 +834,17 @@ rules = [{ on = "purchase:exploded", meta = "Purchase" }, { on = "purchase:*" }]
         let overrides = [
             ("LIFECYCLE_SCORER__SCORING__HORIZON_DAYS".to_owned(), "30".to_owned()),
             ("LIFECYCLE_SCORER__SCORING__MODEL".to_owned(), "mbg-nbd".to_owned()),
+            // Static membership from the pod name, as the deployment sets it.
+            (
+                "LIFECYCLE_SCORER__KAFKA__CONSUMER_PROPERTIES__GROUP.INSTANCE.ID".to_owned(),
+                "lifecycle-scorer-2".to_owned(),
+            ),
         ];
         let config = Config::from_toml("", "empty", overrides.into_iter()).unwrap();
         assert_eq!(config.engine.scorer.horizon_days, 30.0);
         assert_eq!(config.engine.scorer.model.kind, ModelKind::MbgNbd);
+        let consumer = &config.service.kafka.consumer_properties;
+        assert_eq!(consumer["group.instance.id"], "lifecycle-scorer-2");
+        assert_eq!(consumer["partition.assignment.strategy"], "range", "defaults kept");
     }
 }

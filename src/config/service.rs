@@ -51,6 +51,7 @@ pub(super) struct RawTopics {
     dead_letters: String,
     instances: String,
     changelog: String,
+    identity: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,9 +171,28 @@ pub struct Topics {
     pub instances: String,
     /// Every changed contact's state, one partition per input partition (compacted).
     pub changelog: String,
+    /// Identity merges between partitions: requests keyed by anonymous id, handed-over
+    /// states keyed by contact id; one partition per input partition.
+    pub identity: String,
 }
 
 impl Topics {
+    /// The topics a partition task consumes, by lane: the inputs (by [`Source::index`]), then
+    /// the identity topic.
+    pub fn lanes(&self) -> [&str; 4] {
+        [
+            self.inputs[0].as_str(),
+            self.inputs[1].as_str(),
+            self.inputs[2].as_str(),
+            self.identity.as_str(),
+        ]
+    }
+
+    /// The lane of a consumed topic.
+    pub fn lane_of(&self, topic: &str) -> Option<usize> {
+        self.lanes().iter().position(|lane| *lane == topic)
+    }
+
     /// The source an input topic carries.
     pub fn source_of(&self, topic: &str) -> Option<Source> {
         Source::ALL
@@ -329,6 +349,28 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
             }
         }
     }
+    // Partition p of every consumed topic must reach one instance: of the classic protocol's
+    // assignors only range guarantees it (the sticky and round-robin ones balance topic
+    // partitions one by one).
+    if let Some(strategy) = consumer_properties.get("partition.assignment.strategy") {
+        if strategy.trim() != "range" {
+            problems.push(
+                "kafka.consumer_properties.\"partition.assignment.strategy\"",
+                format!(
+                    "`{strategy}` may give partition p of the input topics to different instances; \
+                     the service needs `range` (co-partitioned inputs share one state shard)"
+                ),
+            );
+        }
+    }
+    if let Some(protocol) = consumer_properties.get("group.protocol") {
+        if protocol.trim() != "classic" {
+            problems.push(
+                "kafka.consumer_properties.\"group.protocol\"",
+                format!("`{protocol}` is not supported: the service runs on the classic group protocol with the range assignor"),
+            );
+        }
+    }
     if kafka.bootstrap_servers.trim().is_empty() {
         problems.push("kafka.bootstrap_servers", "must not be empty");
     }
@@ -346,6 +388,7 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
         ("topics.dead_letters", &topics.dead_letters),
         ("topics.instances", &topics.instances),
         ("topics.changelog", &topics.changelog),
+        ("topics.identity", &topics.identity),
     ];
     for (index, (location, name)) in names.iter().enumerate() {
         if name.is_empty()
@@ -513,6 +556,7 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
             dead_letters: topics.dead_letters,
             instances: topics.instances,
             changelog: topics.changelog,
+            identity: topics.identity,
         },
         input_formats: [raw.input.clickstream, raw.input.ad_conversions, raw.input.purchases],
         max_record_bytes: raw.input.max_record_bytes,

@@ -31,8 +31,8 @@ use sha2::{Digest, Sha256};
 pub use model::{Conditions, Engagement, EventMatcher, Rule, StageDef, StageModel, StageSet};
 
 use crate::domain::{
-    fingerprint, ChangeKind, ContactEvent, ContactKey, ContactState, EventBody, PurchaseHistory, StageChange,
-    StageChangeId, StageId, Timestamp, Trigger,
+    fingerprint, ChangeKind, ClickType, ContactEvent, ContactKey, ContactState, EventBody, Identify, PurchaseHistory,
+    StageChange, StageChangeId, StageId, StageSpan, Timestamp, Trigger,
 };
 use crate::scoring::ChurnScorer;
 
@@ -127,7 +127,7 @@ impl Engine {
         let stage_before = (state.seq, state.stage);
         self.absorb(state, event, effective);
         state.clock = state.clock.max(effective);
-        self.evaluate(key, state, effective, Some(event), out);
+        self.evaluate(key, state, effective, Some(event), None, out);
         if matches!(event.body, EventBody::Purchase(_)) || (state.seq, state.stage) != stage_before {
             self.refresh_risk_due(state);
         }
@@ -152,7 +152,7 @@ impl Engine {
             let mut moved = false;
             for due in dues {
                 state.clock = state.clock.max(due);
-                if self.evaluate(key, state, due, None, out) {
+                if self.evaluate(key, state, due, None, None, out) {
                     self.refresh_risk_due(state);
                     moved = true;
                     break;
@@ -332,20 +332,23 @@ impl Engine {
     }
 
     /// Decides and emits the stage changes due at `now`; returns true when any was emitted.
+    /// The trigger is the event's, else `cause`, else a timer.
     fn evaluate(
         &self,
         key: &ContactKey,
         state: &mut ContactState,
         now: Timestamp,
         event: Option<&ContactEvent>,
+        cause: Option<&str>,
         out: &mut Vec<StageChange>,
     ) -> bool {
         let mut risk = RiskCache::new(now);
         let emitted_before = out.len();
         let mut emit = |engine: &Self, state: &mut ContactState, risk: &mut RiskCache, step: Move| {
-            let trigger = match event {
-                Some(event) => Trigger::Event(event.event_id.clone()),
-                None => Trigger::Timer,
+            let trigger = match (event, cause) {
+                (Some(event), _) => Trigger::Event(event.event_id.clone()),
+                (None, Some(cause)) => Trigger::Event(cause.into()),
+                (None, None) => Trigger::Timer,
             };
             out.push(engine.take(key, state, now, step, trigger, risk));
         };
@@ -537,10 +540,22 @@ impl Engine {
         }
     }
 
-    /// The record announcing that a contact's state was erased at `at` on request
-    /// `request_id` (the caller removes the state): the contact's next sequence number, from
-    /// the stage it was in.
-    pub fn erased(&self, key: &ContactKey, state: &ContactState, at: Timestamp, request_id: &str) -> StageChange {
+    /// The record announcing that a contact's state ends here, at `at`, because of input
+    /// `cause` (the caller removes the state): erased on request ([`ChangeKind::Deleted`]) or
+    /// moved to the contact an anonymous visitor turned out to be ([`ChangeKind::Merged`]). It
+    /// has the contact's next sequence number and leaves the stage it was in.
+    pub fn ended(
+        &self,
+        key: &ContactKey,
+        state: &ContactState,
+        at: Timestamp,
+        cause: &str,
+        kind: ChangeKind,
+    ) -> StageChange {
+        let reason = match kind {
+            ChangeKind::Merged(_) => "identity_merge",
+            _ => "deletion_request",
+        };
         let seq = state.seq + 1;
         StageChange {
             event_id: stage_change_id(key, state.born_at, seq),
@@ -549,14 +564,116 @@ impl Engine {
             from: (state.seq > 0).then_some(state.stage),
             to: state.stage,
             occurred_at: at,
-            reason: Arc::from("deletion_request"),
+            reason: Arc::from(reason),
             skipped: Vec::new(),
             reactivated: false,
-            trigger: Trigger::Event(request_id.into()),
+            trigger: Trigger::Event(cause.into()),
             millis_in_previous: at.millis_since(state.stage_entered_at).max(0),
             churn_risk: None,
-            kind: ChangeKind::Deleted,
+            kind,
         }
+    }
+
+    /// The anonymous id an event identifies as its contact: a sign-up or form submission that
+    /// carries both ids.
+    pub fn identifies<'a>(&self, event: &'a ContactEvent) -> Option<&'a str> {
+        let EventBody::Click(click) = &event.body else {
+            return None;
+        };
+        if !matches!(click.kind, ClickType::Signup | ClickType::FormSubmitted) {
+            return None;
+        }
+        event.contact_id.as_ref()?;
+        event.anonymous_id.as_deref().filter(|id| !id.is_empty())
+    }
+
+    /// Merges the state of the anonymous visitor the contact turned out to be (`visitor`,
+    /// `None` when none was held) into the contact, answering `request`; a request the contact
+    /// did not make, or one already answered, changes nothing (a handover delivered twice).
+    ///
+    /// The visitor's engagement adds to the contact's (both decayed to the merge), its stage
+    /// visits join the contact's history, its identifiers fill the contact's gaps (the
+    /// contact's own win), and the highest main stage it reached counts as reached. The
+    /// contact's stage is then decided anew: forward to that stage if it is further along the
+    /// main path (reason `identity_merge`), and on by the state rules; each change triggered
+    /// by the identifying event.
+    pub fn adopt(
+        &self,
+        key: &ContactKey,
+        state: &mut ContactState,
+        visitor: Option<&ContactState>,
+        request: &Identify,
+        out: &mut Vec<StageChange>,
+    ) -> bool {
+        let wanted = fingerprint(&request.anonymous_id);
+        let Some(merge) = state.extra.as_deref_mut().and_then(|extra| {
+            extra
+                .merges
+                .iter_mut()
+                .find(|merge| merge.anonymous == wanted && !merge.done)
+        }) else {
+            return false;
+        };
+        merge.done = true;
+        let Some(visitor) = visitor else {
+            return true;
+        };
+        let at = state.clock.max(request.occurred_at);
+        let engagement = &self.model.engagement;
+        state.engagement = engagement.decay(state.engagement, at.millis_since(state.engaged_at))
+            + engagement.decay(visitor.engagement, at.millis_since(visitor.engaged_at));
+        state.engaged_at = at;
+        state.last_activity_at = state.last_activity_at.max(visitor.last_activity_at);
+        let open_visit = StageSpan {
+            stage: visitor.stage,
+            visits: 1,
+            first_entered_at: visitor.stage_entered_at,
+            last_exited_at: at,
+            total_millis: at.millis_since(visitor.stage_entered_at).max(0),
+        };
+        let extra = state.extra_mut();
+        for span in visitor.history().iter().chain([&open_visit]) {
+            match extra.history.iter_mut().find(|mine| mine.stage == span.stage) {
+                Some(mine) => {
+                    mine.visits += span.visits;
+                    mine.first_entered_at = mine.first_entered_at.min(span.first_entered_at);
+                    mine.last_exited_at = mine.last_exited_at.max(span.last_exited_at);
+                    mine.total_millis += span.total_millis;
+                }
+                None => extra.history.push(*span),
+            }
+        }
+        if let Some(identity) = visitor.identity() {
+            extra.identity.fill_from(identity);
+        }
+        let stage_before = (state.seq, state.stage);
+        let reached = self.model.rank(visitor.main_stage);
+        if reached > self.model.rank(state.main_stage) {
+            state.main_stage = visitor.main_stage;
+        }
+        let mut risk = RiskCache::new(at);
+        if !self.model.is_lost(state.stage) && reached > self.model.rank(state.stage) {
+            let step = Move::new(
+                visitor.main_stage,
+                Arc::from("identity_merge"),
+                self.model.between(self.model.rank(state.stage), reached.unwrap_or(0)),
+                false,
+            );
+            out.push(self.take(
+                key,
+                state,
+                at,
+                step,
+                Trigger::Event(request.event_id.clone()),
+                &mut risk,
+            ));
+        }
+        state.clock = at;
+        self.evaluate(key, state, at, None, Some(&request.event_id), out);
+        if (state.seq, state.stage) != stage_before {
+            self.refresh_risk_due(state);
+        }
+        true
     }
 }
 

@@ -91,8 +91,9 @@ pub async fn run_embedded(
         &topics.conversions,
         &topics.dead_letters,
         &topics.instances,
-        // The mock broker has no admin API for the service to create it with.
+        // The mock broker has no admin API for the service to create these with.
         &topics.changelog,
+        &topics.identity,
     ]) {
         cluster
             .create_topic(topic, options.partitions, 1)

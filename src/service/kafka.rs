@@ -147,7 +147,7 @@ impl ClientContext for ServiceContext {
             self.brokers_up.store(true, Ordering::Relaxed);
         }
         for (name, topic) in &statistics.topics {
-            if self.topics.source_of(name).is_none() {
+            if self.topics.lane_of(name).is_none() {
                 continue;
             }
             for (partition, stats) in &topic.partitions {
@@ -197,12 +197,12 @@ impl ConsumerContext for ServiceContext {
                 };
                 let mut queues = Vec::new();
                 for element in list.elements() {
-                    let Some(source) = self.topics.source_of(element.topic()) else {
+                    let Some(lane) = self.topics.lane_of(element.topic()) else {
                         tracing::warn!(topic = element.topic(), "assigned a topic that is not an input");
                         continue;
                     };
                     match consumer.split_partition_queue(element.topic(), element.partition()) {
-                        Some(queue) => queues.push((source.index(), element.partition(), queue)),
+                        Some(queue) => queues.push((lane, element.partition(), queue)),
                         None => tracing::error!(
                             topic = element.topic(),
                             partition = element.partition(),

@@ -35,6 +35,7 @@ use crate::domain::Timestamp;
 use crate::http::{serve, OwnedShards, QueryState};
 use crate::lifecycle::Engine;
 use crate::metrics::Metrics;
+use crate::state::codec::LANES;
 use crate::state::{new_shard, Shard};
 use kafka::{GroupEvent, ServiceContext};
 use task::{run_task, Control, Shared};
@@ -94,9 +95,8 @@ pub async fn run_with_metrics(
     );
     let brokers_up = context.brokers_up.clone();
     let consumer = kafka::create_consumer(&service.kafka, context).context("cannot create the consumer")?;
-    let inputs: Vec<&str> = service.topics.inputs.iter().map(String::as_str).collect();
     consumer
-        .subscribe(&inputs)
+        .subscribe(&service.topics.lanes())
         .context("cannot subscribe to the input topics")?;
 
     let directory = Arc::new(owners::InstanceDirectory::new(advertised_url(
@@ -141,7 +141,9 @@ pub async fn run_with_metrics(
         schemas,
         consumer: consumer.clone(),
         topics: task::OutputTopics::new(&service.topics),
+        partitions,
         restoring: std::sync::atomic::AtomicUsize::new(0),
+        restore_slots: tokio::sync::Semaphore::new(task::RESTORE_CONCURRENCY),
         now: options.now,
     });
     tracing::info!(
@@ -267,15 +269,16 @@ async fn assign(
             }
             continue;
         }
-        if queues.len() < 3 {
-            let missing: Vec<&str> = (0..3)
-                .filter(|source| !queues.iter().any(|(have, _)| have == source))
-                .map(|source| shared.config.topics.inputs[source].as_str())
+        if queues.len() < LANES {
+            let lanes = shared.config.topics.lanes();
+            let missing: Vec<&str> = (0..LANES)
+                .filter(|lane| !queues.iter().any(|(have, _)| have == lane))
+                .map(|lane| lanes[lane])
                 .collect();
             tracing::warn!(
                 partition,
                 ?missing,
-                "not every input topic's partition is assigned here: inputs must be co-partitioned (same partition count, range assignor)"
+                "not every topic's partition is assigned here: the partition waits for the rest (topics must be co-partitioned, range assignor)"
             );
         }
         let shard = Arc::new(new_shard(0));
@@ -346,14 +349,19 @@ async fn check_topics(producer: &rdkafka::producer::FutureProducer, service: &Se
         ));
     }
     let partitions = input_counts.first().map_or(0, |(_, partitions)| *partitions);
-    match count(&service.topics.changelog) {
-        Some(found) if found != partitions => problems.push(format!(
-            "the changelog `{}` has {found} partitions, the inputs {partitions}: one per input partition",
-            service.topics.changelog
-        )),
-        Some(_) => {}
-        None if problems.is_empty() => create_changelog(service, partitions).await?,
-        None => {}
+    let internal = [
+        ("changelog", &service.topics.changelog, "compact"),
+        ("identity topic", &service.topics.identity, "delete"),
+    ];
+    for (what, name, cleanup) in internal {
+        match count(name) {
+            Some(found) if found != partitions => problems.push(format!(
+                "the {what} `{name}` has {found} partitions, the inputs {partitions}: one per input partition"
+            )),
+            Some(_) => {}
+            None if problems.is_empty() => create_internal_topic(producer, service, name, partitions, cleanup).await?,
+            None => {}
+        }
     }
     if !problems.is_empty() {
         bail!("topics are not ready:\n  {}", problems.join("\n  "));
@@ -361,27 +369,63 @@ async fn check_topics(producer: &rdkafka::producer::FutureProducer, service: &Se
     Ok(partitions as u32)
 }
 
-/// Creates the compacted changelog topic, one partition per input partition.
-async fn create_changelog(service: &ServiceConfig, partitions: usize) -> anyhow::Result<()> {
+/// Creates a topic of the service's own, one partition per input partition: the changelog
+/// (compacted) or the identity topic (deleted after 7 days).
+async fn create_internal_topic(
+    producer: &rdkafka::producer::FutureProducer,
+    service: &ServiceConfig,
+    name: &str,
+    partitions: usize,
+    cleanup: &str,
+) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = kafka::producer_config(&service.kafka)
         .create()
         .context("cannot create an admin client")?;
-    let name = &service.topics.changelog;
-    let topic =
-        NewTopic::new(name, i32::try_from(partitions)?, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    let mut topic =
+        NewTopic::new(name, i32::try_from(partitions)?, TopicReplication::Fixed(-1)).set("cleanup.policy", cleanup);
+    if cleanup == "delete" {
+        topic = topic.set("retention.ms", "604800000");
+    }
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics([&topic], &options)
         .await
-        .with_context(|| format!("cannot create the changelog topic `{name}`"))?;
+        .with_context(|| format!("cannot create the topic `{name}`"))?;
     for result in results {
         if let Err((topic, code)) = result {
             if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                bail!("cannot create the changelog topic `{topic}`: {code}");
+                bail!("cannot create the topic `{topic}`: {code}");
             }
         }
     }
-    tracing::info!(topic = name, partitions, "created the changelog topic (compacted)");
+    // The consumer subscribes right after: make sure the brokers already describe the topic,
+    // or its first assignment would leave it out until the next metadata refresh.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let client = producer.clone();
+        let topic = name.to_owned();
+        let described = tokio::task::spawn_blocking(move || {
+            client
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .map(|metadata| {
+                    metadata
+                        .topics()
+                        .iter()
+                        .any(|found| found.error().is_none() && found.partitions().len() == partitions)
+                })
+                .unwrap_or(false)
+        })
+        .await?;
+        if described {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("created the topic `{name}` but the brokers do not describe it after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::info!(topic = name, partitions, cleanup, "created the topic");
     Ok(())
 }

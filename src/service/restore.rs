@@ -14,7 +14,9 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::domain::{ContactKey, ContactState};
-use crate::state::codec::{decode_checkpoint, decode_key, decode_state, Checkpoint, CHECKPOINT_KEY};
+use crate::state::codec::{
+    decode_checkpoint, decode_handover, decode_key, decode_state, Checkpoint, CHECKPOINT_KEY, HANDOVER_KIND,
+};
 
 /// What a changelog partition holds.
 #[derive(Debug, Default)]
@@ -25,6 +27,8 @@ pub struct Restored {
     pub checkpoint: Checkpoint,
     /// Changelog records read.
     pub records: u64,
+    /// Anonymous visitors handed to a contact: (anonymous id, contact id).
+    pub handovers: Vec<(String, String)>,
 }
 
 /// Reads changelog partition `partition` of `topic` (blocking: run it off the async runtime).
@@ -76,6 +80,12 @@ pub fn read_changelog(mut config: ClientConfig, topic: &str, partition: i32) -> 
     }
     for (key, value) in latest {
         let Some(value) = value else { continue };
+        if key.first() == Some(&HANDOVER_KIND) {
+            restored
+                .handovers
+                .push(decode_handover(&key, &value).context("a changelog handover marker")?);
+            continue;
+        }
         let contact = decode_key(&key).context("a changelog key")?;
         let state = decode_state(&value).with_context(|| format!("the changelog state of {contact:?}"))?;
         restored.contacts.push((contact, state));

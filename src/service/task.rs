@@ -24,19 +24,30 @@ use tokio::sync::mpsc;
 use super::kafka::{Consumer_, PartitionQueue};
 use super::offsets::OffsetTracker;
 use super::schemas::Schemas;
-use crate::attribution::AttributionRules;
+use crate::attribution::ConversionRecord;
 use crate::codec::avro::{split_frame, SchemaStore};
 use crate::codec::json::decode_event;
 use crate::codec::output::OutputEncoder;
 use crate::codec::DecodeError;
 use crate::config::{InputFormat, Processing, ServiceConfig};
-use crate::domain::{ContactEvent, Erasure, Input, Source, StageChange, Timestamp};
+use crate::domain::{ContactEvent, ContactKey, Erasure, Input, Source, StageChange, Timestamp};
 use crate::lifecycle::{Applied, Engine};
 use crate::metrics::{outcome, Metrics};
-use crate::processor::Processor;
+use crate::partition::partition_for;
+use crate::processor::{Feeder, Processor};
 use crate::reorder::ReorderBuffer;
-use crate::state::codec::{encode_checkpoint, encode_key, encode_state, Checkpoint, CHECKPOINT_KEY};
+use crate::state::codec::{
+    decode_routed, encode_checkpoint, encode_handed_to, encode_key, encode_routed, encode_state, handover_key,
+    Checkpoint, CHECKPOINT_KEY, LANES,
+};
 use crate::state::Shard;
+
+/// Partitions restored at once. Restoring 1M contacts on tansu took the same time 4 at a time
+/// as all 16 at once, and retained less memory (`examples/restore_speed`).
+pub(crate) const RESTORE_CONCURRENCY: usize = 4;
+
+/// The lane of the identity topic (after the inputs, by `Source::index`).
+const IDENTITY_LANE: usize = LANES - 1;
 
 /// What every partition task shares.
 pub(crate) struct Shared {
@@ -50,8 +61,12 @@ pub(crate) struct Shared {
     pub(crate) consumer: Arc<Consumer_>,
     /// The output topics' names.
     pub(crate) topics: OutputTopics,
+    /// Partitions of every input topic (and of the identity topic).
+    pub(crate) partitions: u32,
     /// Partition tasks still restoring their shard (the instance is not ready until none).
     pub(crate) restoring: std::sync::atomic::AtomicUsize,
+    /// Restores that may run at once ([`RESTORE_CONCURRENCY`]).
+    pub(crate) restore_slots: tokio::sync::Semaphore,
     /// The wall clock (edge): conversion staleness, idle timers, latency.
     pub(crate) now: fn() -> Timestamp,
 }
@@ -96,6 +111,7 @@ pub(crate) struct OutputTopics {
     conversions: &'static str,
     dead_letters: &'static str,
     changelog: &'static str,
+    identity: &'static str,
 }
 
 impl OutputTopics {
@@ -109,6 +125,7 @@ impl OutputTopics {
             conversions: leak(&topics.conversions),
             dead_letters: leak(&topics.dead_letters),
             changelog: leak(&topics.changelog),
+            identity: leak(&topics.identity),
         }
     }
 }
@@ -121,11 +138,23 @@ pub(crate) async fn run_task(
     initial: Vec<(usize, PartitionQueue)>,
     mut control: mpsc::Receiver<Control>,
 ) {
-    let mut queues: [Option<PartitionQueue>; 3] = [None, None, None];
+    let mut queues: [Option<PartitionQueue>; LANES] = Default::default();
     for (source, queue) in initial {
         queues[source] = Some(queue);
     }
-    let trackers: Arc<Mutex<[OffsetTracker; 3]>> = Arc::default();
+    // The shard is this partition's only when every topic of it is: with some of them owned
+    // by another instance, two tasks would write one changelog partition. Wait (not ready)
+    // until the rest arrives; the range assignor gives them together.
+    while queues.iter().any(Option::is_none) {
+        match control.recv().await {
+            Some(Control::AddQueue(source, queue)) => queues[source] = Some(queue),
+            Some(Control::Stop) | None => {
+                shared.restoring.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                return;
+            }
+        }
+    }
+    let trackers: Arc<Mutex<[OffsetTracker; LANES]>> = Arc::default();
     let (batches, acked) = mpsc::channel::<Batch>(64);
     let acker = tokio::spawn(acknowledge(shared.clone(), partition, trackers.clone(), acked));
     let store = match shared.schemas.store() {
@@ -151,6 +180,7 @@ pub(crate) async fn run_task(
             received = recv(&queues[0]), if queues[0].is_some() => task.on_record(0, received).await,
             received = recv(&queues[1]), if queues[1].is_some() => task.on_record(1, received).await,
             received = recv(&queues[2]), if queues[2].is_some() => task.on_record(2, received).await,
+            received = recv(&queues[3]), if queues[3].is_some() => task.on_record(3, received).await,
             _ = tick.tick() => task.on_tick(&queues),
         }
         // Take whatever else is already fetched, up to a batch, without waiting.
@@ -195,21 +225,23 @@ struct Task {
     store: SchemaStore,
     processor: Processor,
     reorder: ReorderBuffer<Origin>,
-    queued: [VecDeque<Queued>; 3],
-    at_eof: [bool; 3],
-    waiting_since: [Option<Instant>; 3],
-    last_record: [Instant; 3],
-    stalled: [bool; 3],
+    queued: [VecDeque<Queued>; LANES],
+    at_eof: [bool; LANES],
+    waiting_since: [Option<Instant>; LANES],
+    last_record: [Instant; LANES],
+    stalled: [bool; LANES],
     caught_up_since: Option<Instant>,
-    trackers: Arc<Mutex<[OffsetTracker; 3]>>,
+    trackers: Arc<Mutex<[OffsetTracker; LANES]>>,
     batches: mpsc::Sender<Batch>,
     batch: Batch,
     ready: Vec<(Input, Origin)>,
+    /// Holds the inputs of contacts waiting for a merge.
+    feeder: Feeder<Origin>,
     changes: Vec<StageChange>,
     buffer: Vec<u8>,
     /// `events_consumed` by input and outcome (processed, duplicate, late, restored,
     /// deletion), resolved once.
-    consumed: [[prometheus::IntCounter; 5]; 3],
+    consumed: [[prometheus::IntCounter; 5]; LANES],
     /// Inputs the restored state already reflects, per input topic.
     skip: Checkpoint,
 }
@@ -220,7 +252,7 @@ impl Task {
         partition: i32,
         shard: Arc<Shard>,
         store: SchemaStore,
-        trackers: Arc<Mutex<[OffsetTracker; 3]>>,
+        trackers: Arc<Mutex<[OffsetTracker; LANES]>>,
         batches: mpsc::Sender<Batch>,
     ) -> Self {
         let config = &shared.config;
@@ -239,7 +271,7 @@ impl Task {
                 shared
                     .metrics
                     .events_consumed
-                    .with_label_values(&[config.topics.inputs[source].as_str(), label])
+                    .with_label_values(&[config.topics.lanes()[source], label])
             })
         });
         let now = Instant::now();
@@ -251,15 +283,16 @@ impl Task {
             processor,
             reorder: ReorderBuffer::new(shared.processing.reorder_window_millis),
             queued: Default::default(),
-            at_eof: [false; 3],
-            waiting_since: [None; 3],
-            last_record: [now; 3],
-            stalled: [false; 3],
+            at_eof: [false; LANES],
+            waiting_since: [None; LANES],
+            last_record: [now; LANES],
+            stalled: [false; LANES],
             caught_up_since: None,
             trackers,
             batches,
             batch: Batch::default(),
             ready: Vec::new(),
+            feeder: Feeder::default(),
             changes: Vec::new(),
             buffer: Vec::with_capacity(1024),
             consumed,
@@ -272,6 +305,9 @@ impl Task {
     async fn restore(&mut self) {
         let shared = self.shared.clone();
         let started = Instant::now();
+        // A few partitions at a time: as fast (the broker is the limit) and lighter than one
+        // consumer per assigned partition at once (README "Performance").
+        let _slot = shared.restore_slots.acquire().await;
         let config = super::kafka::consumer_config(&shared.config.kafka);
         let topic = shared.config.topics.changelog.clone();
         let partition = self.partition;
@@ -286,6 +322,9 @@ impl Task {
                         .with_label_values(&[shared.engine.model.stage(state.stage).id.as_str()])
                         .inc();
                     self.processor.restore(key, Box::new(state));
+                }
+                for (anonymous, contact) in restored.handovers {
+                    self.processor.restore_handover(anonymous.into(), contact.into());
                 }
                 self.skip = restored.checkpoint;
                 let seconds = started.elapsed().as_secs_f64();
@@ -310,7 +349,7 @@ impl Task {
     }
 
     fn topic(&self, source: usize) -> &str {
-        &self.shared.config.topics.inputs[source]
+        self.shared.config.topics.lanes()[source]
     }
 
     /// Handles one received record (or an end-of-partition / error event).
@@ -349,6 +388,10 @@ impl Task {
             return;
         }
         let decoded = match (message.payload(), message.key()) {
+            // Merges between partitions: records of the service's own.
+            (payload, _) if source == IDENTITY_LANE => {
+                decode_routed(payload.unwrap_or_default()).map_err(|error| DecodeError::Internal(error.to_string()))
+            }
             // A tombstone: the key's contact is to be erased.
             (None, Some(key)) => match std::str::from_utf8(key) {
                 Ok(id) if !id.is_empty() => {
@@ -365,7 +408,12 @@ impl Task {
                 let origin = Origin {
                     source,
                     offset,
-                    occurred_at: event.occurred_at(),
+                    // Requests between partitions carry the old time of what caused them.
+                    occurred_at: if source == IDENTITY_LANE {
+                        Timestamp::NEVER
+                    } else {
+                        event.occurred_at()
+                    },
                     appended_at,
                 };
                 self.queued[source].push_back(Queued { event, origin });
@@ -405,7 +453,7 @@ impl Task {
     }
 
     async fn dead_letter(&mut self, source: usize, message: &BorrowedMessage<'_>, error: &DecodeError) {
-        let topic = self.shared.config.topics.inputs[source].clone();
+        let topic = self.topic(source).to_owned();
         let metrics = &self.shared.metrics;
         metrics
             .decode_errors
@@ -460,13 +508,13 @@ impl Task {
     }
 
     /// True when every assigned input has been read to its end and nothing is queued.
-    fn caught_up(&self, queues: &[Option<PartitionQueue>; 3]) -> bool {
-        (0..3).all(|source| queues[source].is_none() || (self.at_eof[source] && self.queued[source].is_empty()))
+    fn caught_up(&self, queues: &[Option<PartitionQueue>; LANES]) -> bool {
+        (0..LANES).all(|source| queues[source].is_none() || (self.at_eof[source] && self.queued[source].is_empty()))
     }
 
     /// The queue whose head comes next in event-time order, or `None` when the merge must
     /// wait for a topic that has nothing queued and may still deliver earlier events.
-    fn next_source(&mut self, queues: &[Option<PartitionQueue>; 3]) -> Option<usize> {
+    fn next_source(&mut self, queues: &[Option<PartitionQueue>; LANES]) -> Option<usize> {
         let max_idle = self.shared.config.tasks.max_task_idle;
         let mut best: Option<usize> = None;
         for (source, queue) in queues.iter().enumerate() {
@@ -498,7 +546,7 @@ impl Task {
     }
 
     /// Merges, reorders and processes what can go now, then hands the batch to the acker.
-    async fn process_ready(&mut self, queues: &[Option<PartitionQueue>; 3]) {
+    async fn process_ready(&mut self, queues: &[Option<PartitionQueue>; LANES]) {
         let started = Instant::now();
         // Left by the tick: a released reorder buffer, or timers fired on the wall clock.
         let mut processed = !self.ready.is_empty();
@@ -516,6 +564,13 @@ impl Task {
             if !self.ready.is_empty() {
                 self.process_released().await;
                 processed = true;
+                // After the merge waited for a topic, thousands of records may be queued: hand
+                // a batch over every `batch_max_records` inputs (between inputs, so the
+                // checkpoint stays exact), so their outputs are acknowledged, checkpointed and
+                // committed as they go rather than all after the last one.
+                if self.batch.finished.len() >= self.shared.config.tasks.batch_max_records {
+                    self.flush_batch().await;
+                }
             }
         }
         if processed {
@@ -531,25 +586,85 @@ impl Task {
     async fn process_released(&mut self) {
         let shared = self.shared.clone();
         let now = (shared.now)();
+        let partition = self.partition as u32;
+        let partitions = shared.partitions;
+        let here = |request: &Input| {
+            request
+                .routing_id()
+                .is_none_or(|id| partitions <= 1 || partition_for(id.as_bytes(), partitions) == partition)
+        };
         let mut released = std::mem::take(&mut self.ready);
+        let mut elsewhere = Vec::new();
+        let mut conversions = Vec::new();
         for (input, origin) in released.drain(..) {
-            let applied = self.processor.handle(&input, &mut self.changes);
-            let outcome = match applied {
-                Some(Applied::Applied) => 0,
-                Some(Applied::Duplicate) => 1,
-                Some(Applied::TooLate) => 2,
-                None => 4,
-            };
-            self.consumed[origin.source][outcome].inc();
-            self.produce_changes().await;
-            if let (Input::Event(event), Some(Applied::Applied | Applied::TooLate)) = (&input, applied) {
-                if let Some(rules) = &shared.config.attribution {
-                    self.produce_conversions(rules, event, now).await;
-                }
-            }
-            self.batch.finished.push(origin);
+            let (consumed, finished) = (&self.consumed, &mut self.batch.finished);
+            self.feeder.feed(
+                &mut self.processor,
+                input,
+                Some(origin),
+                &mut self.changes,
+                here,
+                &mut elsewhere,
+                |processor, input, origin, applied| {
+                    let Some(origin) = origin else {
+                        return; // a request this partition made for itself
+                    };
+                    let outcome = match (input, applied) {
+                        (_, Some(Applied::Applied)) => 0,
+                        (_, Some(Applied::Duplicate)) => 1,
+                        (_, Some(Applied::TooLate)) => 2,
+                        (Input::Erase(_), None) => 4,
+                        // Merge requests and handovers (the identity topic).
+                        (_, None) => 0,
+                    };
+                    consumed[origin.source][outcome].inc();
+                    if let (Input::Event(event), Some(Applied::Applied | Applied::TooLate), Some(rules)) =
+                        (input, applied, &shared.config.attribution)
+                    {
+                        if let Some(key) = event.key() {
+                            if let Some(state) = processor.shard().get(&key) {
+                                conversions.extend(
+                                    rules
+                                        .conversions(event, &state, now)
+                                        .into_iter()
+                                        .map(|record| (key.clone(), record)),
+                                );
+                            }
+                        }
+                    }
+                    finished.push(origin);
+                },
+            );
         }
         self.ready = released;
+        self.produce_changes().await;
+        for (key, record) in conversions {
+            self.produce_conversion(&key, &record).await;
+        }
+        for request in elsewhere {
+            self.route(&request).await;
+        }
+    }
+
+    /// Sends a merge request or handover to the partition of its routing id, on the identity
+    /// topic.
+    async fn route(&mut self, request: &Input) {
+        self.buffer.clear();
+        if encode_routed(request, &mut self.buffer).is_none() {
+            return;
+        }
+        let id = request.routing_id().unwrap_or_default();
+        let partition = partition_for(id.as_bytes(), self.shared.partitions) as i32;
+        let delivery = send_to(
+            &self.shared.producer,
+            self.topics.identity,
+            Some(partition),
+            id.as_bytes(),
+            Some(&self.buffer),
+            None,
+        )
+        .await;
+        self.batch.deliveries.push((self.topics.identity, delivery));
     }
 
     async fn produce_changes(&mut self) {
@@ -576,31 +691,21 @@ impl Task {
         self.changes = changes;
     }
 
-    async fn produce_conversions(&mut self, rules: &AttributionRules, event: &ContactEvent, now: Timestamp) {
-        let Some(key) = event.key() else { return };
-        let records = {
-            // The guard is dropped before any await.
-            let Some(state) = self.processor.shard().get(&key) else {
-                return;
-            };
-            rules.conversions(event, &state, now)
-        };
-        for record in records {
-            self.buffer.clear();
-            if let Err(error) = self.shared.encoder.conversion(&record, &mut self.buffer) {
-                tracing::error!(%error, "conversion not encodable: dropped");
-                continue;
-            }
-            let delivery = send(
-                &self.shared.producer,
-                self.topics.conversions,
-                key.id.as_bytes(),
-                &self.buffer,
-                None,
-            )
-            .await;
-            self.batch.deliveries.push((self.topics.conversions, delivery));
+    async fn produce_conversion(&mut self, key: &ContactKey, record: &ConversionRecord) {
+        self.buffer.clear();
+        if let Err(error) = self.shared.encoder.conversion(record, &mut self.buffer) {
+            tracing::error!(%error, "conversion not encodable: dropped");
+            return;
         }
+        let delivery = send(
+            &self.shared.producer,
+            self.topics.conversions,
+            key.id.as_bytes(),
+            &self.buffer,
+            None,
+        )
+        .await;
+        self.batch.deliveries.push((self.topics.conversions, delivery));
     }
 
     /// Hands the current batch to the acker, with the changelog records of every contact it
@@ -615,6 +720,10 @@ impl Task {
             });
             self.batch.changelog.push((encode_key(&key), value));
         }
+        for (anonymous, contact) in self.processor.take_handovers() {
+            let value = contact.map(|contact| encode_handed_to(&contact));
+            self.batch.changelog.push((handover_key(&anonymous), value));
+        }
         if self.batch.deliveries.is_empty() && self.batch.finished.is_empty() && self.batch.changelog.is_empty() {
             return;
         }
@@ -625,7 +734,7 @@ impl Task {
     }
 
     /// Periodic work: idle flush, idle timers, the stall watchdog, the state-size gauge.
-    fn on_tick(&mut self, queues: &[Option<PartitionQueue>; 3]) {
+    fn on_tick(&mut self, queues: &[Option<PartitionQueue>; LANES]) {
         let settings = self.shared.config.tasks;
         let metrics = &self.shared.metrics;
         metrics
@@ -636,7 +745,7 @@ impl Task {
             if queue.is_none() || self.at_eof[source] || !self.queued[source].is_empty() {
                 continue;
             }
-            let topic = self.shared.config.topics.inputs[source].as_str();
+            let topic = self.shared.config.topics.lanes()[source];
             let lag = metrics
                 .consumer_lag
                 .get_metric_with_label_values(&[topic, self.partition_label.as_str()])
@@ -766,7 +875,7 @@ async fn deliver(shared: &Shared, deliveries: Vec<(&'static str, DeliveryFuture)
 async fn acknowledge(
     shared: Arc<Shared>,
     partition: i32,
-    trackers: Arc<Mutex<[OffsetTracker; 3]>>,
+    trackers: Arc<Mutex<[OffsetTracker; LANES]>>,
     mut batches: mpsc::Receiver<Batch>,
 ) {
     let interval = shared.config.tasks.changelog_interval;
@@ -775,7 +884,7 @@ async fn acknowledge(
         partition,
         pending: BTreeMap::new(),
         dirty: false,
-        stored: [None; 3],
+        stored: [None; LANES],
     };
     let mut last_write = Instant::now();
     loop {
@@ -835,17 +944,17 @@ struct ChangelogWriter {
     /// Inputs finished or states changed since the last write.
     dirty: bool,
     /// The offsets stored last, per input topic.
-    stored: [Option<i64>; 3],
+    stored: [Option<i64>; LANES],
 }
 
 impl ChangelogWriter {
     /// Writes the pending states and a checkpoint, waits for them, then stores the input
     /// offsets. False when the producer is gone.
-    async fn write(&mut self, shared: &Shared, trackers: &Mutex<[OffsetTracker; 3]>) -> bool {
+    async fn write(&mut self, shared: &Shared, trackers: &Mutex<[OffsetTracker; LANES]>) -> bool {
         if !self.dirty {
             return true;
         }
-        let (checkpoint, positions): (Checkpoint, [Option<i64>; 3]) = match trackers.lock() {
+        let (checkpoint, positions): (Checkpoint, [Option<i64>; LANES]) = match trackers.lock() {
             Ok(trackers) => (
                 std::array::from_fn(|source| trackers[source].processed()),
                 std::array::from_fn(|source| trackers[source].position()),
@@ -886,7 +995,7 @@ impl ChangelogWriter {
             if position.is_some() && position != self.stored[source] {
                 self.stored[source] = position;
                 if let Some(offset) = position {
-                    let topic = &shared.config.topics.inputs[source];
+                    let topic = shared.config.topics.lanes()[source];
                     let _ = list.add_partition_offset(topic, self.partition, Offset::Offset(offset));
                     shared.consumer.context().stored.stored(topic, self.partition, offset);
                 }

@@ -27,6 +27,9 @@ pub const TOPICS: [&str; 7] = [
 /// The default changelog topic name.
 pub const CHANGELOG: &str = "lifecycle.state-changelog";
 
+/// The default identity topic name (merges between partitions); created by the service too.
+pub const IDENTITY: &str = "lifecycle.identity";
+
 /// Creates every topic of [`TOPICS`] on a real broker with `partitions` partitions each.
 pub async fn create_service_topics(bootstrap: &str, partitions: i32) {
     let specs: Vec<super::broker::TopicSpec<'_>> = TOPICS
@@ -82,13 +85,25 @@ pub fn replay_inputs_with_partitions(
     Vec<String>,
     std::collections::BTreeMap<lifecycle_scorer::domain::ContactKey, lifecycle_scorer::domain::ContactState>,
 ) {
-    let config = Config::builtin().expect("built-in config");
+    replay_inputs_with_config(inputs, partitions, Config::builtin().expect("built-in config"))
+}
+
+/// [`replay_inputs_with_partitions`] with `config`'s stage model and processing settings.
+pub fn replay_inputs_with_config(
+    inputs: &[Input],
+    partitions: u32,
+    config: Config,
+) -> (
+    Vec<String>,
+    std::collections::BTreeMap<lifecycle_scorer::domain::ContactKey, lifecycle_scorer::domain::ContactState>,
+) {
     let input: String = inputs
         .iter()
         .map(|input| {
             let line = match input {
                 Input::Event(event) => lifecycle_scorer::codec::json::encode_event(event),
                 Input::Erase(erasure) => lifecycle_scorer::codec::json::encode_erasure(erasure),
+                Input::Identify(_) | Input::Adopt(_) => panic!("routed between partitions, never input"),
             };
             line + "\n"
         })
