@@ -75,6 +75,7 @@ impl Tansu {
     /// Panics when the binary is missing (a test that cannot find its broker must fail, not
     /// skip) or when the broker does not become ready.
     pub fn start() -> Tansu {
+        exit_soon_after_a_failure();
         let binary = tansu_binary();
         let dir = tempfile::Builder::new()
             .prefix("tansu-")
@@ -286,6 +287,26 @@ fn terminate(child: &mut Child) {
 
 /// A name no other call in this test run returns: `{prefix}-{pid}-{n}`. Each test gets its own
 /// broker, so this only has to be unique within the process.
+/// Makes a failing broker test end its process. When a test panics, its runtime is dropped
+/// while the service it ran in-process still has librdkafka work on blocking threads, and
+/// dropping a runtime waits for those without end: the test binary would hang until the CI
+/// limit instead of failing. The hook lets the panic unwind (so brokers are stopped and their
+/// logs printed), then exits 30 s later if the process is still alive.
+fn exit_soon_after_a_failure() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            previous(info);
+            let _ = std::thread::Builder::new().spawn(|| {
+                std::thread::sleep(Duration::from_secs(30));
+                eprintln!("a test failed and the process did not end: exiting");
+                std::process::exit(101);
+            });
+        }));
+    });
+}
+
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!(

@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod broker;
+pub mod cluster;
+pub mod oracle;
 pub mod service;
 
 use std::path::PathBuf;
