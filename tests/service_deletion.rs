@@ -12,11 +12,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::broker::{consume_all, consume_to_end, produce, unique_name, Record, Tansu};
+use common::oracle::avro_records;
 use common::service::{
-    canonical_changes, create_service_topics, generated_events, replay_inputs_with_partitions, service_config,
+    assert_same_changes, create_service_topics, generated_events, replay_inputs_with_partitions, service_config,
     sum_samples, RunningService, CHANGELOG, TOPICS,
 };
-use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store};
 use lifecycle_scorer::domain::{ContactKey, Erasure, Input, Source, Timestamp};
 use lifecycle_scorer::state::codec::encode_key;
 use serde_json::Value;
@@ -32,13 +32,7 @@ async fn tombstones_erase_contacts_for_good_and_replay_agrees() {
     create_service_topics(&bootstrap, PARTITIONS).await;
 
     let events = generated_events(600, 120, 5);
-    let store = shipped_input_store().unwrap();
-    let mut per_topic: [Vec<Record>; 3] = Default::default();
-    for event in &events {
-        let source = event.source();
-        let payload = store.encode(shipped_input_schema_id(source), event).unwrap();
-        per_topic[source.index()].push(Record::new(event.key().unwrap().id.as_bytes().to_vec(), payload));
-    }
+    let per_topic = avro_records(&events);
     // Every 10th identified contact is erased, by a tombstone on one of the input topics.
     let identified: BTreeSet<&str> = events.iter().filter_map(|event| event.contact_id.as_deref()).collect();
     let erased: Vec<&str> = identified.iter().copied().step_by(10).collect();
@@ -85,16 +79,7 @@ async fn tombstones_erase_contacts_for_good_and_replay_agrees() {
         produce(&bootstrap, TOPICS[source], records).await;
     }
     let published = consume_all(&bootstrap, TOPICS[3], expected.len(), Duration::from_secs(180)).await;
-    let got = canonical_changes(&published);
-    if got != expected {
-        let missing: Vec<&String> = expected.iter().filter(|line| !got.contains(line)).take(5).collect();
-        let extra: Vec<&String> = got.iter().filter(|line| !expected.contains(line)).take(5).collect();
-        panic!(
-            "published {} stage changes, replay gives {}\nmissing (first 5): {missing:#?}\nextra (first 5): {extra:#?}",
-            got.len(),
-            expected.len()
-        );
-    }
+    assert_same_changes(&published, &expected);
 
     // The deletion records: keyed by the contact, from its last stage, no stage after.
     let deletions: Vec<Value> = published
@@ -163,15 +148,8 @@ async fn tombstones_erase_contacts_for_good_and_replay_agrees() {
         occurred_at: Timestamp::from_millis(ERASED_AT + 86_400_000),
         ..comeback
     };
-    let payload = store
-        .encode(shipped_input_schema_id(Source::Clickstream), &comeback)
-        .unwrap();
-    produce(
-        &bootstrap,
-        TOPICS[0],
-        &[Record::new(returning.as_bytes().to_vec(), payload)],
-    )
-    .await;
+    let [comeback_clicks, _, _] = avro_records(std::slice::from_ref(&comeback));
+    produce(&bootstrap, TOPICS[0], &comeback_clicks).await;
     let all = consume_all(&bootstrap, TOPICS[3], expected.len() + 1, Duration::from_secs(60)).await;
     let fresh: Vec<Value> = all[..]
         .iter()

@@ -11,14 +11,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::broker::{consume_all, consume_to_end, produce, unique_name, Record, Tansu};
+use common::broker::{consume_all, consume_to_end, produce, unique_name, Tansu};
+use common::oracle::avro_records;
 use common::service::{
-    canonical_changes, create_service_topics, replay_inputs_with_config, service_config, sum_samples, RunningService,
+    assert_same_changes, create_service_topics, replay_inputs_with_config, service_config, sum_samples, RunningService,
     TOPICS,
 };
 use lifecycle_scorer::codec::format_timestamp;
 use lifecycle_scorer::codec::json::decode_event;
-use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store};
 use lifecycle_scorer::domain::{ContactEvent, Input, Timestamp};
 use lifecycle_scorer::partition::partition_for;
 use serde_json::Value;
@@ -97,13 +97,7 @@ async fn sign_ups_merge_the_visitor_across_partitions_as_replay_does() {
     assert_eq!(merges, PAIRS, "replay merges every visitor");
     assert!(final_states.keys().all(|key| !key.anonymous), "no visitor left behind");
 
-    let store = shipped_input_store().unwrap();
-    let mut per_topic: [Vec<Record>; 3] = Default::default();
-    for event in &events {
-        let source = event.source();
-        let payload = store.encode(shipped_input_schema_id(source), event).unwrap();
-        per_topic[source.index()].push(Record::new(event.key().unwrap().id.as_bytes().to_vec(), payload));
-    }
+    let per_topic = avro_records(&events);
     for (source, records) in per_topic.iter().enumerate() {
         produce(&bootstrap, TOPICS[source], records).await;
     }
@@ -118,16 +112,7 @@ async fn sign_ups_merge_the_visitor_across_partitions_as_replay_does() {
     let service = RunningService::start(config()).await;
     service.wait_ready(Duration::from_secs(60)).await;
     let published = consume_all(&bootstrap, TOPICS[3], expected.len(), Duration::from_secs(120)).await;
-    let got = canonical_changes(&published);
-    if got != expected {
-        let missing: Vec<&String> = expected.iter().filter(|line| !got.contains(line)).take(5).collect();
-        let extra: Vec<&String> = got.iter().filter(|line| !expected.contains(line)).take(5).collect();
-        panic!(
-            "published {} stage changes, replay gives {}\nmissing (first 5): {missing:#?}\nextra (first 5): {extra:#?}",
-            got.len(),
-            expected.len()
-        );
-    }
+    assert_same_changes(&published, &expected);
 
     // Each visitor's last record says where it went; the contact went on from the sign-up
     // with the visitor's engagement: a hot lead, triggered by the sign-up.

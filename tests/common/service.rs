@@ -289,3 +289,18 @@ pub fn sum_samples(metrics: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Panics unless the published stage changes (canonical, sorted) are exactly `expected`,
+/// showing the first differences either way.
+pub fn assert_same_changes(published: &[super::broker::ConsumedRecord], expected: &[String]) {
+    let got = canonical_changes(published);
+    if got != expected {
+        let missing: Vec<&String> = expected.iter().filter(|line| !got.contains(line)).take(5).collect();
+        let extra: Vec<&String> = got.iter().filter(|line| !expected.contains(line)).take(5).collect();
+        panic!(
+            "published {} stage changes, replay gives {}\nmissing (first 5): {missing:#?}\nextra (first 5): {extra:#?}",
+            got.len(),
+            expected.len()
+        );
+    }
+}
