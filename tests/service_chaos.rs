@@ -20,6 +20,8 @@
 //! - `LIFECYCLE_CHAOS_SEED`: the schedule's seed (which instance dies, when, for how long);
 //!   every run prints the one it used, random when unset. The moments themselves depend on
 //!   the machine's pace, so a seed repeats the plan, not the exact interleaving.
+//! - `LIFECYCLE_CHAOS_MERGE=1`: identity merge on (it is off by default; see the configuration
+//!   file for why).
 
 #![allow(clippy::unwrap_used)]
 
@@ -34,8 +36,11 @@ use std::time::{Duration, Instant};
 use common::broker::{committed_offsets, consume_to_end, end_offsets, produce, unique_name, Record, Tansu};
 use common::cluster::{describe_lag, nudge_group, owned_partitions, total_lag, uncommitted, Cluster, Instance};
 use common::oracle::{avro_records, check_against_replay, chunks_at_clean_cuts, split_live_tail, OracleReport};
-use common::service::{create_service_topics, generated_events, replay_with_partitions, sum_samples, TOPICS};
-use lifecycle_scorer::domain::ContactEvent;
+use common::service::{
+    create_service_topics, generated_events, replay_inputs_with_config, replay_with_partitions, service_config,
+    sum_samples, TOPICS,
+};
+use lifecycle_scorer::domain::{ContactEvent, Input};
 use lifecycle_scorer::http::wall_clock;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -57,6 +62,17 @@ const INSTANCES: [&str; 3] = ["a", "b", "c"];
 /// No commit for this long while some partitions belong to no running instance: the group is
 /// nudged (see [`Chaos::watch`]).
 const STALL: Duration = Duration::from_secs(15);
+
+/// `LIFECYCLE_CHAOS_MERGE=1` runs with identity merge on (instances and replay alike).
+const MERGE_ENV: &str = "LIFECYCLE_CHAOS_MERGE";
+/// The default `[processing]` section with identity merge on.
+const MERGE_SETTINGS: &str = "
+[processing]
+late_event_grace_hours = 24.0
+reorder_window_seconds = 5.0
+timer_sweep_minutes = 60.0
+merge_identities = true
+";
 
 /// Every instance's settings beyond broker, group and HTTP.
 ///
@@ -95,6 +111,9 @@ async fn killed_restarted_and_rescaled_instances_publish_what_replay_gives() {
         Err(_) => DEFAULT_CONTACTS,
     };
     eprintln!("chaos seed {seed} (set {SEED_ENV}={seed} to repeat the schedule); {contacts} contacts");
+    if std::env::var(MERGE_ENV).is_ok_and(|value| value == "1") {
+        eprintln!("identity merge on ({MERGE_ENV}=1)");
+    }
 
     let broker = Tansu::start();
     let bootstrap = broker.bootstrap();
@@ -102,7 +121,19 @@ async fn killed_restarted_and_rescaled_instances_publish_what_replay_gives() {
 
     let (bulk, tail) = split_live_tail(generated_events(contacts, DAYS, GENERATOR_SEED), BULK_FRACTION);
     let all: Vec<ContactEvent> = bulk.iter().chain(&tail).cloned().collect();
-    let (expected, _) = replay_with_partitions(&all, PARTITIONS as u32);
+    let merge = std::env::var(MERGE_ENV).is_ok_and(|value| value == "1");
+    let (expected, _) = if merge {
+        let inputs: Vec<Input> = all.iter().cloned().map(Input::Event).collect();
+        let config = service_config(&bootstrap, "replay", MERGE_SETTINGS);
+        replay_inputs_with_config(&inputs, PARTITIONS as u32, config)
+    } else {
+        replay_with_partitions(&all, PARTITIONS as u32)
+    };
+    let settings = if merge {
+        format!("{SETTINGS}{MERGE_SETTINGS}")
+    } else {
+        SETTINGS.to_owned()
+    };
     assert!(
         expected.len() > all.len() / 10,
         "only {} stage changes for {} events",
@@ -138,7 +169,7 @@ async fn killed_restarted_and_rescaled_instances_publish_what_replay_gives() {
     let group = unique_name("chaos");
     let mut chaos = Chaos {
         rng: ChaCha8Rng::seed_from_u64(seed),
-        cluster: Cluster::new(&INSTANCES, &bootstrap, &group, SETTINGS),
+        cluster: Cluster::new(&INSTANCES, &bootstrap, &group, &settings),
         bootstrap: bootstrap.clone(),
         group: group.clone(),
         events: all.len(),
