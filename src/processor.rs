@@ -95,7 +95,8 @@ impl Processor {
 
     /// Merges anonymous visitors into the contacts they turn out to be: identifying events make
     /// requests to be routed by a [`Feeder`], and the contact's inputs wait for the answer.
-    /// Off by default, for callers that hand in events one by one and route nothing.
+    /// `processing.merge_identities` sets it at creation; callers that hand in events one by
+    /// one and route nothing leave it off.
     pub fn merge_identities(&mut self) {
         self.merges = true;
     }
