@@ -130,52 +130,33 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels)?)
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-            let metric = IntGaugeVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
+            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels)?)
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
-            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
+            register(
+                &registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?,
+            )
         };
         let latency_buckets = vec![
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
         ];
-        let processing_latency = HistogramVec::new(
-            HistogramOpts::new(
-                PROCESSING_LATENCY,
-                "Time to process one batch of polled records, seconds",
-            )
-            .buckets(vec![
-                0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
-            ]),
-            &["partition"],
+        let processing_latency = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    PROCESSING_LATENCY,
+                    "Time to process one batch of polled records, seconds",
+                )
+                .buckets(vec![
+                    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+                ]),
+                &["partition"],
+            )?,
         )?;
-        registry.register(Box::new(processing_latency.clone()))?;
-        let commit_failures = IntCounter::new(COMMIT_FAILURES, "Offset commits that failed")?;
-        registry.register(Box::new(commit_failures.clone()))?;
-        let ready = IntGauge::new(
-            READY,
-            "1 while the instance is ready (every assigned partition consuming)",
-        )?;
-        registry.register(Box::new(ready.clone()))?;
-        let restored_records = IntCounter::new(RESTORED_RECORDS, "Changelog records read while restoring shards")?;
-        registry.register(Box::new(restored_records.clone()))?;
-        let restoring_partitions = IntGauge::new(RESTORING_PARTITIONS, "Partitions assigned and still restoring")?;
-        registry.register(Box::new(restoring_partitions.clone()))?;
-        let contacts_deleted = IntCounter::new(CONTACTS_DELETED, "Contacts whose state was erased on request")?;
-        registry.register(Box::new(contacts_deleted.clone()))?;
-        let contacts_merged = IntCounter::new(
-            CONTACTS_MERGED,
-            "Anonymous visitors merged into the contact they turned out to be",
-        )?;
-        registry.register(Box::new(contacts_merged.clone()))?;
         Ok(Metrics {
             events_consumed: counter_vec(
                 EVENTS_CONSUMED,
@@ -211,7 +192,10 @@ impl Metrics {
                 &["topic", "partition"],
             )?,
             rebalances: counter_vec(REBALANCES, "Consumer group rebalances seen, by kind", &["kind"])?,
-            commit_failures,
+            commit_failures: register(
+                &registry,
+                IntCounter::new(COMMIT_FAILURES, "Offset commits that failed")?,
+            )?,
             state_contacts: gauge_vec(
                 STATE_CONTACTS,
                 "Contacts held in the state of each owned partition",
@@ -237,16 +221,37 @@ impl Metrics {
                 "Times an input partition had lag but made no progress for the stall timeout",
                 &["topic"],
             )?,
-            ready,
-            restored_records,
+            ready: register(
+                &registry,
+                IntGauge::new(
+                    READY,
+                    "1 while the instance is ready (every assigned partition consuming)",
+                )?,
+            )?,
+            restored_records: register(
+                &registry,
+                IntCounter::new(RESTORED_RECORDS, "Changelog records read while restoring shards")?,
+            )?,
             restore_seconds: histogram(
                 RESTORE_SECONDS,
                 "Time to restore one partition's shard from the changelog, seconds",
                 vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
             )?,
-            restoring_partitions,
-            contacts_deleted,
-            contacts_merged,
+            restoring_partitions: register(
+                &registry,
+                IntGauge::new(RESTORING_PARTITIONS, "Partitions assigned and still restoring")?,
+            )?,
+            contacts_deleted: register(
+                &registry,
+                IntCounter::new(CONTACTS_DELETED, "Contacts whose state was erased on request")?,
+            )?,
+            contacts_merged: register(
+                &registry,
+                IntCounter::new(
+                    CONTACTS_MERGED,
+                    "Anonymous visitors merged into the contact they turned out to be",
+                )?,
+            )?,
             registry,
         })
     }
@@ -297,6 +302,15 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
         String::from_utf8(buffer).unwrap_or_default()
     }
+}
+
+/// Registers `metric` in `registry` and returns it (a handle: clones share the value).
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> Result<M, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }
 
 #[cfg(test)]
