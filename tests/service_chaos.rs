@@ -33,9 +33,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::broker::{committed_offsets, consume_to_end, end_offsets, produce, unique_name, Record, Tansu};
+use common::broker::{committed_offsets, end_offsets, produce, unique_name, Record, Tansu};
 use common::cluster::{describe_lag, nudge_group, owned_partitions, total_lag, uncommitted, Cluster, Instance};
-use common::oracle::{avro_records, check_against_replay, chunks_at_clean_cuts, split_live_tail, OracleReport};
+use common::oracle::{
+    avro_records, check_against_replay, chunks_at_clean_cuts, read_all_stage_changes, split_live_tail, OracleReport,
+};
 use common::service::{
     create_service_topics, generated_events, replay_inputs_with_config, replay_with_partitions, service_config,
     sum_samples, TOPICS,
@@ -203,13 +205,7 @@ async fn killed_restarted_and_rescaled_instances_publish_what_replay_gives() {
     assert_eq!(sum_samples(&metrics, "lifecycle_dead_letters_total", &[]), 0.0);
     assert_eq!(sum_samples(&metrics, "lifecycle_restoring_partitions", &[]), 0.0);
 
-    let ends = end_offsets(&bootstrap, TOPICS[3]).await;
-    let published = consume_to_end(&bootstrap, TOPICS[3], Duration::from_secs(600)).await;
-    assert_eq!(
-        published.len() as i64,
-        ends.values().sum::<i64>(),
-        "the whole stage-change topic was read"
-    );
+    let published = read_all_stage_changes(&bootstrap, Duration::from_secs(600)).await;
     let report = check_against_replay(&published, &expected);
     chaos.print_report(&report, &metrics, all.len(), chaos_seconds, processing_seconds);
     eprintln!("seed {seed}; wall time {:.1} s", began.elapsed().as_secs_f64());

@@ -23,9 +23,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::broker::{consume_to_end, end_offsets, produce, unique_name, Record, Tansu};
+use common::broker::{produce, unique_name, Record, Tansu};
 use common::cluster::{describe_lag, total_lag, uncommitted};
-use common::oracle::{avro_records, check_against_replay, chunks_at_clean_cuts, split_live_tail};
+use common::oracle::{
+    avro_records, check_against_replay, chunks_at_clean_cuts, read_all_stage_changes, split_live_tail,
+};
 use common::service::{
     create_service_topics, generated_events, replay_with_partitions, service_config, sum_samples, RunningService,
     TOPICS,
@@ -180,13 +182,7 @@ async fn a_broker_outage_turns_readiness_red_and_the_service_recovers_by_itself(
     assert_eq!(status, 200);
     assert_eq!(sum_samples(&metrics, "lifecycle_dead_letters_total", &[]), 0.0);
 
-    let ends = end_offsets(&bootstrap, TOPICS[3]).await;
-    let published = consume_to_end(&bootstrap, TOPICS[3], Duration::from_secs(120)).await;
-    assert_eq!(
-        published.len() as i64,
-        ends.values().sum::<i64>(),
-        "the whole stage-change topic was read"
-    );
+    let published = read_all_stage_changes(&bootstrap, Duration::from_secs(120)).await;
     let report = check_against_replay(&published, &expected);
 
     eprintln!("---- outage report ----");

@@ -263,15 +263,19 @@ fn free_port() -> u16 {
     listener.local_addr().expect("probe socket address").port()
 }
 
-/// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL. `Child::kill` only sends SIGKILL and
+/// Sends SIGTERM; false when it could not be sent. `Child::kill` only sends SIGKILL and
 /// `unsafe` is forbidden, hence the `kill` command.
-fn terminate(child: &mut Child) {
-    let sent = Command::new("kill")
+pub fn send_sigterm(child: &Child) -> bool {
+    Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|status| status.success());
-    if sent {
+        .is_ok_and(|status| status.success())
+}
+
+/// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL.
+fn terminate(child: &mut Child) {
+    if send_sigterm(child) {
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {

@@ -203,13 +203,7 @@ advertised_url = "http://127.0.0.1:{port}"
     /// if it has not. Returns the exit status, or `None` when it had to be killed.
     pub async fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        // `Child::kill` only sends SIGKILL and `unsafe` is forbidden: the `kill` command.
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        if sent {
+        if super::broker::send_sigterm(&child) {
             let deadline = Instant::now() + timeout;
             while Instant::now() < deadline {
                 if let Ok(Some(status)) = child.try_wait() {

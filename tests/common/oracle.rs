@@ -213,3 +213,17 @@ fn multiset_difference<'a>(expected: &'a [String], got: &'a [String]) -> (Vec<&'
     }
     (missing, extra)
 }
+
+/// Every record of the stage-change topic, checked to be all of it (as many as the end
+/// offsets say), for [`check_against_replay`].
+pub async fn read_all_stage_changes(bootstrap: &str, timeout: std::time::Duration) -> Vec<ConsumedRecord> {
+    let topic = super::service::TOPICS[3];
+    let ends = super::broker::end_offsets(bootstrap, topic).await;
+    let published = super::broker::consume_to_end(bootstrap, topic, timeout).await;
+    assert_eq!(
+        published.len() as i64,
+        ends.values().sum::<i64>(),
+        "the whole stage-change topic was read"
+    );
+    published
+}
