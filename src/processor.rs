@@ -136,11 +136,17 @@ impl Processor {
 
     /// Puts a contact restored from the changelog into the shard, with its timers filed as
     /// if it had been processed here. Replaces any state the shard held for it.
+    ///
+    /// The partition's clock stays where it is: it moves with the inputs processed here. The
+    /// restored states may be far ahead of inputs still to be read again (those held for a
+    /// contact that waited for a merge are never checkpointed), and a clock taken from the
+    /// states would fire that contact's timers before its own earlier inputs, making them late.
+    /// Timers of the other contacts lose nothing: their states already reflect every sweep up
+    /// to the crash, and a timer fires at its due time whichever input's tick runs the sweep.
     pub fn restore(&mut self, key: ContactKey, mut state: Box<ContactState>) {
         state.timer_bucket = 0;
         let due = self.engine.next_due(&state);
         file(&mut self.wheel, self.sweep_millis, &key, &mut state, due);
-        self.watermark = self.watermark.max(state.clock);
         self.shard.insert(key, state);
     }
 
