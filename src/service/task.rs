@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use super::kafka::{Consumer_, PartitionQueue};
 use super::offsets::OffsetTracker;
+use super::restore::{read_changelog, Ahead};
 use super::schemas::Schemas;
 use crate::attribution::ConversionRecord;
 use crate::codec::avro::{split_frame, SchemaStore};
@@ -38,7 +39,7 @@ use crate::processor::{Feeder, Processor};
 use crate::reorder::ReorderBuffer;
 use crate::state::codec::{
     decode_routed, encode_checkpoint, encode_handed_to, encode_key, encode_routed, encode_state, handover_key,
-    Checkpoint, CHECKPOINT_KEY, LANES,
+    Checkpoint, CHECKPOINT_KEY, LANES, WRITE_BEGUN_KEY,
 };
 use crate::state::Shard;
 
@@ -244,6 +245,8 @@ struct Task {
     consumed: [[prometheus::IntCounter; 5]; LANES],
     /// Inputs the restored state already reflects, per input topic.
     skip: Checkpoint,
+    /// Inputs some restored contacts reflect beyond `skip` (a changelog write cut short).
+    ahead: Option<Ahead>,
 }
 
 impl Task {
@@ -297,6 +300,7 @@ impl Task {
             buffer: Vec::with_capacity(1024),
             consumed,
             skip: Checkpoint::default(),
+            ahead: None,
             shared,
         }
     }
@@ -311,7 +315,7 @@ impl Task {
         let config = super::kafka::consumer_config(&shared.config.kafka);
         let topic = shared.config.topics.changelog.clone();
         let partition = self.partition;
-        let read = tokio::task::spawn_blocking(move || super::restore::read_changelog(config, &topic, partition)).await;
+        let read = tokio::task::spawn_blocking(move || read_changelog(config, &topic, partition)).await;
         match read {
             Ok(Ok(restored)) => {
                 let contacts = restored.contacts.len();
@@ -327,6 +331,14 @@ impl Task {
                     self.processor.restore_handover(anonymous.into(), contact.into());
                 }
                 self.skip = restored.checkpoint;
+                if let Some(ahead) = &restored.ahead {
+                    tracing::info!(
+                        partition,
+                        contacts = ahead.contacts.len(),
+                        "the last changelog write was cut short: its contacts skip the inputs it reflects"
+                    );
+                }
+                self.ahead = restored.ahead;
                 let seconds = started.elapsed().as_secs_f64();
                 shared.metrics.restored_records.inc_by(restored.records);
                 shared.metrics.restore_seconds.observe(seconds);
@@ -377,14 +389,7 @@ impl Task {
         }
         let appended_at = message.timestamp().to_millis();
         if self.skip[source].contains(offset) {
-            // Already in the restored state: finished without processing it again.
-            self.consumed[source][3].inc();
-            self.batch.finished.push(Origin {
-                source,
-                offset,
-                occurred_at: Timestamp::NEVER,
-                appended_at: None,
-            });
+            self.skip_restored(source, offset);
             return;
         }
         let decoded = match (message.payload(), message.key()) {
@@ -403,6 +408,17 @@ impl Task {
             },
             (payload, _) => self.decode(Source::ALL[source], payload).await.map(Input::Event),
         };
+        // Contacts an interrupted changelog write reached already reflect some inputs.
+        let decoded = match (decoded, &self.ahead) {
+            (Ok(input), Some(ahead)) => match ahead.remaining(source, offset, input) {
+                Some(input) => Ok(input),
+                None => {
+                    self.skip_restored(source, offset);
+                    return;
+                }
+            },
+            (decoded, _) => decoded,
+        };
         match decoded {
             Ok(event) => {
                 let origin = Origin {
@@ -420,6 +436,17 @@ impl Task {
             }
             Err(error) => self.dead_letter(source, &message, &error).await,
         }
+    }
+
+    /// Finishes an input the restored state already reflects, without processing it again.
+    fn skip_restored(&mut self, source: usize, offset: i64) {
+        self.consumed[source][3].inc();
+        self.batch.finished.push(Origin {
+            source,
+            offset,
+            occurred_at: Timestamp::NEVER,
+            appended_at: None,
+        });
     }
 
     async fn decode(&mut self, source: Source, payload: Option<&[u8]>) -> Result<ContactEvent, DecodeError> {
@@ -961,7 +988,21 @@ impl ChangelogWriter {
             ),
             Err(_) => return false,
         };
-        let mut deliveries = Vec::with_capacity(self.pending.len() + 1);
+        let mut value = Vec::new();
+        encode_checkpoint(&checkpoint, &mut value);
+        let mut deliveries = Vec::with_capacity(self.pending.len() + 2);
+        // Opens the write: should a crash cut it short, the restore knows which inputs the
+        // states written after this record reflect (see `restore::Ahead`).
+        let begun = send_to(
+            &shared.producer,
+            self.topic,
+            Some(self.partition),
+            &WRITE_BEGUN_KEY,
+            Some(&value),
+            None,
+        )
+        .await;
+        deliveries.push((self.topic, begun));
         for (key, value) in std::mem::take(&mut self.pending) {
             let delivery = send_to(
                 &shared.producer,
@@ -974,8 +1015,6 @@ impl ChangelogWriter {
             .await;
             deliveries.push((self.topic, delivery));
         }
-        let mut value = Vec::new();
-        encode_checkpoint(&checkpoint, &mut value);
         let delivery = send_to(
             &shared.producer,
             self.topic,

@@ -36,8 +36,15 @@ pub enum StateDecodeError {
     Malformed(&'static str),
 }
 
-/// The key of checkpoint records.
+/// The key of checkpoint records: a write of states is complete, and the states reflect
+/// exactly the inputs the checkpoint names.
 pub const CHECKPOINT_KEY: [u8; 1] = [2];
+
+/// The key of the record that opens each write of states: the checkpoint the write is about
+/// to complete. When a crash cuts a write short, the states after it (but not the states the
+/// write did not reach) already reflect that checkpoint's inputs: the restore tells them apart
+/// by offset.
+pub const WRITE_BEGUN_KEY: [u8; 1] = [4];
 
 /// Which inputs of one topic-partition the state reflects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
