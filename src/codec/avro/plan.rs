@@ -206,20 +206,13 @@ impl DecodePlan {
         cursor: &mut Cursor<'a>,
         slots: &mut Slots<'a>,
     ) -> Result<(), Malformed> {
-        loop {
-            let count = cursor.block_count()?;
-            if count == 0 {
-                return Ok(());
+        cursor.blocks(true, |cursor| {
+            match field_index(cursor.string()?) {
+                Some(slot) => set(slots, slot, value.read(cursor)?),
+                None => self.skip(skip, cursor, 0)?,
             }
-            // Each entry holds at least its key's length byte.
-            cursor.check_count(count)?;
-            for _ in 0..count {
-                match field_index(cursor.string()?) {
-                    Some(slot) => set(slots, slot, value.read(cursor)?),
-                    None => self.skip(skip, cursor, 0)?,
-                }
-            }
-        }
+            Ok(())
+        })
     }
 
     /// Walks over one value of node `node`, checking it as the serde reader did.
@@ -242,35 +235,15 @@ impl DecodePlan {
             Skip::Enum(symbols) => cursor.index_of(*symbols, Malformed::EnumIndex).map(drop),
             Skip::Array(item) => {
                 let depth = deeper(depth)?;
-                loop {
-                    let count = cursor.block_count()?;
-                    if count == 0 {
-                        return Ok(());
-                    }
-                    if self.empty.get(*item).copied().unwrap_or(false) {
-                        continue;
-                    }
-                    // Every item takes at least one byte.
-                    cursor.check_count(count)?;
-                    for _ in 0..count {
-                        self.skip(*item, cursor, depth)?;
-                    }
-                }
+                let sized = !self.empty.get(*item).copied().unwrap_or(false);
+                cursor.blocks(sized, |cursor| self.skip(*item, cursor, depth))
             }
             Skip::Map(value) => {
                 let depth = deeper(depth)?;
-                loop {
-                    let count = cursor.block_count()?;
-                    if count == 0 {
-                        return Ok(());
-                    }
-                    // Every entry holds at least its key's length byte.
-                    cursor.check_count(count)?;
-                    for _ in 0..count {
-                        cursor.string()?;
-                        self.skip(*value, cursor, depth)?;
-                    }
-                }
+                cursor.blocks(true, |cursor| {
+                    cursor.string()?;
+                    self.skip(*value, cursor, depth)
+                })
             }
             Skip::Union(variants) => {
                 // Not a level of its own: a union cannot hold a union, so any cycle of types
@@ -761,6 +734,31 @@ impl<'a> Cursor<'a> {
             self.long()?;
         }
         Ok(count.unsigned_abs())
+    }
+
+    /// Walks the blocks of an array or map to the end, calling `item` for each item (or map
+    /// entry). Every item takes at least one byte (an entry, its key's length) unless `sized`
+    /// is false (items that encode to nothing): then counts are not checked against the bytes
+    /// left and nothing is read.
+    #[inline(always)]
+    fn blocks(
+        &mut self,
+        sized: bool,
+        mut item: impl FnMut(&mut Self) -> Result<(), Malformed>,
+    ) -> Result<(), Malformed> {
+        loop {
+            let count = self.block_count()?;
+            if count == 0 {
+                return Ok(());
+            }
+            if !sized {
+                continue;
+            }
+            self.check_count(count)?;
+            for _ in 0..count {
+                item(self)?;
+            }
+        }
     }
 
     /// Refuses a block of `count` items that cannot fit in the bytes left when every item takes
