@@ -137,12 +137,11 @@ impl Processor {
     /// Puts a contact restored from the changelog into the shard, with its timers filed as
     /// if it had been processed here. Replaces any state the shard held for it.
     ///
-    /// The partition's clock stays where it is: it moves with the inputs processed here. The
+    /// The partition's clock stays where it is: it moves with the inputs handed in, those
+    /// the restored state already reflects included ([`Processor::pass`]), in their order. The
     /// restored states may be far ahead of inputs still to be read again (those held for a
     /// contact that waited for a merge are never checkpointed), and a clock taken from the
     /// states would fire that contact's timers before its own earlier inputs, making them late.
-    /// Timers of the other contacts lose nothing: their states already reflect every sweep up
-    /// to the crash, and a timer fires at its due time whichever input's tick runs the sweep.
     pub fn restore(&mut self, key: ContactKey, mut state: Box<ContactState>) {
         state.timer_bucket = 0;
         let due = self.engine.next_due(&state);
@@ -261,6 +260,17 @@ impl Processor {
             occurred_at: event.occurred_at,
             event_id: event.event_id.clone(),
         }));
+    }
+
+    /// Moves the clock as handling `input` would, without applying it: for an input the
+    /// restored state already reflects, read again after a crash, so that the clock (and with
+    /// it every timer) follows the same inputs as the first time.
+    pub fn pass(&mut self, input: &Input, out: &mut Vec<StageChange>) {
+        match input {
+            Input::Event(event) => self.tick(event.occurred_at, out),
+            Input::Erase(erasure) => self.tick(erasure.occurred_at, out),
+            Input::Identify(_) | Input::Adopt(_) => {}
+        }
     }
 
     /// The contact whose input this is, when that contact waits for a merge: the input must

@@ -87,6 +87,8 @@ struct Origin {
     offset: i64,
     occurred_at: Timestamp,
     appended_at: Option<i64>,
+    /// Already reflected in the restored state: it only moves the partition's clock.
+    reflected: bool,
 }
 
 /// A decoded record waiting to be merged.
@@ -388,10 +390,7 @@ impl Task {
             trackers[source].received(offset);
         }
         let appended_at = message.timestamp().to_millis();
-        if self.skip[source].contains(offset) {
-            self.skip_restored(source, offset);
-            return;
-        }
+        let reflected = self.skip[source].contains(offset);
         let decoded = match (message.payload(), message.key()) {
             // Merges between partitions: records of the service's own.
             (payload, _) if source == IDENTITY_LANE => {
@@ -408,45 +407,43 @@ impl Task {
             },
             (payload, _) => self.decode(Source::ALL[source], payload).await.map(Input::Event),
         };
-        // Contacts an interrupted changelog write reached already reflect some inputs.
-        let decoded = match (decoded, &self.ahead) {
-            (Ok(input), Some(ahead)) => match ahead.remaining(source, offset, input) {
-                Some(input) => Ok(input),
-                None => {
-                    self.skip_restored(source, offset);
-                    return;
-                }
-            },
-            (decoded, _) => decoded,
-        };
         match decoded {
-            Ok(event) => {
+            Ok(mut event) => {
+                // Contacts an interrupted changelog write reached already reflect some inputs.
+                let reflected = reflected
+                    || self
+                        .ahead
+                        .as_ref()
+                        .is_some_and(|ahead| ahead.reflects(source, offset, &mut event));
+                // A reflected input still goes through the merge and the reorder buffer, in
+                // its place, to move the partition's clock as it did the first time.
                 let origin = Origin {
                     source,
                     offset,
                     // Requests between partitions carry the old time of what caused them.
-                    occurred_at: if source == IDENTITY_LANE {
+                    occurred_at: if source == IDENTITY_LANE || reflected {
                         Timestamp::NEVER
                     } else {
                         event.occurred_at()
                     },
-                    appended_at,
+                    appended_at: appended_at.filter(|_| !reflected),
+                    reflected,
                 };
                 self.queued[source].push_back(Queued { event, origin });
             }
+            // Dead-lettered when it was first read.
+            Err(_) if reflected => {
+                self.consumed[source][3].inc();
+                self.batch.finished.push(Origin {
+                    source,
+                    offset,
+                    occurred_at: Timestamp::NEVER,
+                    appended_at: None,
+                    reflected,
+                });
+            }
             Err(error) => self.dead_letter(source, &message, &error).await,
         }
-    }
-
-    /// Finishes an input the restored state already reflects, without processing it again.
-    fn skip_restored(&mut self, source: usize, offset: i64) {
-        self.consumed[source][3].inc();
-        self.batch.finished.push(Origin {
-            source,
-            offset,
-            occurred_at: Timestamp::NEVER,
-            appended_at: None,
-        });
     }
 
     async fn decode(&mut self, source: Source, payload: Option<&[u8]>) -> Result<ContactEvent, DecodeError> {
@@ -531,6 +528,7 @@ impl Task {
             offset: message.offset(),
             occurred_at: Timestamp::NEVER,
             appended_at: message.timestamp().to_millis(),
+            reflected: false,
         });
     }
 
@@ -624,6 +622,12 @@ impl Task {
         let mut elsewhere = Vec::new();
         let mut conversions = Vec::new();
         for (input, origin) in released.drain(..) {
+            if origin.reflected {
+                self.processor.pass(&input, &mut self.changes);
+                self.consumed[origin.source][3].inc();
+                self.batch.finished.push(origin);
+                continue;
+            }
             let (consumed, finished) = (&self.consumed, &mut self.batch.finished);
             self.feeder.feed(
                 &mut self.processor,
