@@ -87,7 +87,7 @@ impl Processor {
             touched: None,
             outbox: Vec::new(),
             released: Vec::new(),
-            merges: processing.merge_identities,
+            merges: false,
             handed: HashMap::new(),
             handed_changes: Vec::new(),
         }
@@ -95,8 +95,9 @@ impl Processor {
 
     /// Merges anonymous visitors into the contacts they turn out to be: identifying events make
     /// requests to be routed by a [`Feeder`], and the contact's inputs wait for the answer.
-    /// `processing.merge_identities` sets it at creation; callers that hand in events one by
-    /// one and route nothing leave it off.
+    /// Off at creation: only callers that route the requests (`replay`, the service) turn it
+    /// on, when `processing.merge_identities` says so; a processor handed events one by one
+    /// with nobody to answer would leave contacts waiting for ever.
     pub fn merge_identities(&mut self) {
         self.merges = true;
     }

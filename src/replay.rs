@@ -79,7 +79,13 @@ pub fn replay(
     let shard = Arc::new(new_shard(options.capacity));
     let partitions = options.partitions.max(1);
     let mut processors: Vec<Processor> = (0..partitions)
-        .map(|_| Processor::new(engine.clone(), shard.clone(), processing))
+        .map(|_| {
+            let mut processor = Processor::new(engine.clone(), shard.clone(), processing);
+            if processing.merge_identities {
+                processor.merge_identities();
+            }
+            processor
+        })
         .collect();
     let mut summary = ReplaySummary::default();
     let mut out: Vec<StageChange> = Vec::new();

@@ -20,8 +20,8 @@
 //! - `LIFECYCLE_CHAOS_SEED`: the schedule's seed (which instance dies, when, for how long);
 //!   every run prints the one it used, random when unset. The moments themselves depend on
 //!   the machine's pace, so a seed repeats the plan, not the exact interleaving.
-//! - `LIFECYCLE_CHAOS_MERGE=1`: identity merge on (it is off by default; see the configuration
-//!   file for why).
+//! - `LIFECYCLE_CHAOS_MERGE=0`: identity merge off (instances and replay alike); on by
+//!   default, as in the default configuration.
 
 #![allow(clippy::unwrap_used)]
 
@@ -39,8 +39,7 @@ use common::oracle::{
     avro_records, check_against_replay, chunks_at_clean_cuts, read_all_stage_changes, split_live_tail, OracleReport,
 };
 use common::service::{
-    create_service_topics, generated_events, replay_inputs_with_config, replay_with_partitions, service_config,
-    sum_samples, TOPICS,
+    create_service_topics, generated_events, replay_inputs_with_config, service_config, sum_samples, TOPICS,
 };
 use lifecycle_scorer::domain::{ContactEvent, Input};
 use lifecycle_scorer::http::wall_clock;
@@ -65,15 +64,15 @@ const INSTANCES: [&str; 3] = ["a", "b", "c"];
 /// nudged (see [`Chaos::watch`]).
 const STALL: Duration = Duration::from_secs(15);
 
-/// `LIFECYCLE_CHAOS_MERGE=1` runs with identity merge on (instances and replay alike).
+/// `LIFECYCLE_CHAOS_MERGE=0` runs with identity merge off (instances and replay alike).
 const MERGE_ENV: &str = "LIFECYCLE_CHAOS_MERGE";
-/// The default `[processing]` section with identity merge on.
-const MERGE_SETTINGS: &str = "
+/// The default `[processing]` section with identity merge off.
+const NO_MERGE_SETTINGS: &str = "
 [processing]
 late_event_grace_hours = 24.0
 reorder_window_seconds = 5.0
 timer_sweep_minutes = 60.0
-merge_identities = true
+merge_identities = false
 ";
 
 /// Every instance's settings beyond broker, group and HTTP.
@@ -113,9 +112,12 @@ async fn killed_restarted_and_rescaled_instances_publish_what_replay_gives() {
         Err(_) => DEFAULT_CONTACTS,
     };
     eprintln!("chaos seed {seed} (set {SEED_ENV}={seed} to repeat the schedule); {contacts} contacts");
-    if std::env::var(MERGE_ENV).is_ok_and(|value| value == "1") {
-        eprintln!("identity merge on ({MERGE_ENV}=1)");
-    }
+    let merge = std::env::var(MERGE_ENV).map_or(true, |value| value != "0");
+    eprintln!(
+        "identity merge {} (set {MERGE_ENV}=0 or 1)",
+        if merge { "on" } else { "off" }
+    );
+    let processing = if merge { "" } else { NO_MERGE_SETTINGS };
 
     let broker = Tansu::start();
     let bootstrap = broker.bootstrap();
@@ -123,19 +125,13 @@ async fn killed_restarted_and_rescaled_instances_publish_what_replay_gives() {
 
     let (bulk, tail) = split_live_tail(generated_events(contacts, DAYS, GENERATOR_SEED), BULK_FRACTION);
     let all: Vec<ContactEvent> = bulk.iter().chain(&tail).cloned().collect();
-    let merge = std::env::var(MERGE_ENV).is_ok_and(|value| value == "1");
-    let (expected, _) = if merge {
-        let inputs: Vec<Input> = all.iter().cloned().map(Input::Event).collect();
-        let config = service_config(&bootstrap, "replay", MERGE_SETTINGS);
-        replay_inputs_with_config(&inputs, PARTITIONS as u32, config)
-    } else {
-        replay_with_partitions(&all, PARTITIONS as u32)
-    };
-    let settings = if merge {
-        format!("{SETTINGS}{MERGE_SETTINGS}")
-    } else {
-        SETTINGS.to_owned()
-    };
+    let inputs: Vec<Input> = all.iter().cloned().map(Input::Event).collect();
+    let (expected, _) = replay_inputs_with_config(
+        &inputs,
+        PARTITIONS as u32,
+        service_config(&bootstrap, "replay", processing),
+    );
+    let settings = format!("{SETTINGS}{processing}");
     assert!(
         expected.len() > all.len() / 10,
         "only {} stage changes for {} events",

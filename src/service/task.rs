@@ -264,6 +264,9 @@ impl Task {
         let topics = shared.topics;
         let mut processor = Processor::new(shared.engine.clone(), shard, shared.processing);
         processor.track_touched();
+        if shared.processing.merge_identities {
+            processor.merge_identities();
+        }
         let consumed = std::array::from_fn(|source| {
             [
                 outcome::PROCESSED,
