@@ -157,6 +157,11 @@ impl Metrics {
                 &["partition"],
             )?,
         )?;
+        // The standard process metrics (`process_cpu_seconds_total`,
+        // `process_resident_memory_bytes`, open file descriptors, threads, start time), read from
+        // /proc at each scrape. The crate provides them on Linux only; elsewhere they are absent.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(Metrics {
             events_consumed: counter_vec(
                 EVENTS_CONSUMED,
