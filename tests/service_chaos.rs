@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use common::broker::{committed_offsets, end_offsets, produce, unique_name, Record, Tansu};
 use common::cluster::{describe_lag, nudge_group, owned_partitions, total_lag, uncommitted, Cluster, Instance};
 use common::oracle::{
-    avro_records, check_against_replay, chunks_at_clean_cuts, read_all_stage_changes, split_live_tail, OracleReport,
+    avro_records, check_against_replay, clickstream_chunks, read_all_stage_changes, split_live_tail, OracleReport,
 };
 use common::service::{
     create_service_topics, generated_events, replay_inputs_with_config, service_config, sum_samples, TOPICS,
@@ -145,14 +145,7 @@ async fn killed_restarted_and_rescaled_instances_publish_what_replay_gives() {
         produce(&bootstrap, TOPICS[1], &conversions),
         produce(&bootstrap, TOPICS[2], &purchases),
     );
-    let tail_chunks: Vec<Vec<Record>> = chunks_at_clean_cuts(&tail, TAIL_CHUNKS)
-        .into_iter()
-        .map(|chunk| {
-            let [clicks, others @ ..] = avro_records(chunk);
-            assert!(others.iter().all(Vec::is_empty), "the tail is clickstream only");
-            clicks
-        })
-        .collect();
+    let tail_chunks: Vec<Vec<Record>> = clickstream_chunks(&tail, TAIL_CHUNKS);
     eprintln!(
         "{} events ({} before the start, {} clickstream streamed in {} chunks) over {PARTITIONS} partitions; \
          replay gives {} stage changes; first half produced in {:.1} s",

@@ -25,9 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::broker::{produce, unique_name, Record, Tansu};
 use common::cluster::{describe_lag, total_lag, uncommitted};
-use common::oracle::{
-    avro_records, check_against_replay, chunks_at_clean_cuts, read_all_stage_changes, split_live_tail,
-};
+use common::oracle::{avro_records, check_against_replay, clickstream_chunks, read_all_stage_changes, split_live_tail};
 use common::service::{
     create_service_topics, generated_events, replay_with_partitions, service_config, sum_samples, RunningService,
     TOPICS,
@@ -81,14 +79,7 @@ async fn a_broker_outage_turns_readiness_red_and_the_service_recovers_by_itself(
         produce(&bootstrap, TOPICS[1], &conversions),
         produce(&bootstrap, TOPICS[2], &purchases),
     );
-    let mut chunks: Vec<Vec<Record>> = chunks_at_clean_cuts(&tail, CHUNKS)
-        .into_iter()
-        .map(|chunk| {
-            let [clicks, others @ ..] = avro_records(chunk);
-            assert!(others.iter().all(Vec::is_empty), "the tail is clickstream only");
-            clicks
-        })
-        .collect();
+    let mut chunks: Vec<Vec<Record>> = clickstream_chunks(&tail, CHUNKS);
     assert!(chunks.len() > CHUNKS_BEFORE, "only {} chunks", chunks.len());
     let after = chunks.split_off(CHUNKS_BEFORE);
     eprintln!(

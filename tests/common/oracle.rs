@@ -69,6 +69,19 @@ pub fn chunks_at_clean_cuts(events: &[ContactEvent], chunks: usize) -> Vec<&[Con
     pieces
 }
 
+/// A clickstream-only tail as the Avro records of each of its pieces cut by
+/// [`chunks_at_clean_cuts`], to be produced one piece at a time while the service runs.
+pub fn clickstream_chunks(tail: &[ContactEvent], chunks: usize) -> Vec<Vec<Record>> {
+    chunks_at_clean_cuts(tail, chunks)
+        .into_iter()
+        .map(|chunk| {
+            let [clicks, others @ ..] = avro_records(chunk);
+            assert!(others.iter().all(Vec::is_empty), "the tail is clickstream only");
+            clicks
+        })
+        .collect()
+}
+
 /// The events as input records, Confluent-framed Avro keyed by contact (or anonymous) id, one
 /// list per input topic in [`Source::index`] order, each in the events' order.
 pub fn avro_records(events: &[ContactEvent]) -> [Vec<Record>; 3] {
