@@ -52,6 +52,8 @@ pub const READY: &str = "lifecycle_ready";
 pub const RESTORED_RECORDS: &str = "lifecycle_restored_records_total";
 /// `lifecycle_restore_seconds` histogram.
 pub const RESTORE_SECONDS: &str = "lifecycle_restore_seconds";
+/// `lifecycle_restore_failures_total`.
+pub const RESTORE_FAILURES: &str = "lifecycle_restore_failures_total";
 /// `lifecycle_restoring_partitions`.
 pub const RESTORING_PARTITIONS: &str = "lifecycle_restoring_partitions";
 /// `lifecycle_contacts_deleted_total`.
@@ -117,6 +119,8 @@ pub struct Metrics {
     pub restored_records: IntCounter,
     /// Time to restore one partition's shard, seconds.
     pub restore_seconds: Histogram,
+    /// Restore attempts that failed (each is retried with backoff; the partition waits).
+    pub restore_failures: IntCounter,
     /// Partitions assigned and still restoring.
     pub restoring_partitions: IntGauge,
     /// Contacts whose state was erased on request.
@@ -241,6 +245,13 @@ impl Metrics {
                 RESTORE_SECONDS,
                 "Time to restore one partition's shard from the changelog, seconds",
                 vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
+            )?,
+            restore_failures: register(
+                &registry,
+                IntCounter::new(
+                    RESTORE_FAILURES,
+                    "Attempts to restore a partition's shard from the changelog that failed (retried with backoff)",
+                )?,
             )?,
             restoring_partitions: register(
                 &registry,

@@ -294,6 +294,26 @@ pub(crate) fn consumer_config(kafka: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// Properties that make a consumer a member of the group: a reader of assigned partitions
+/// (restore, the instances topic) must not carry them.
+const MEMBERSHIP_PROPERTIES: [&str; 5] = [
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "group.protocol",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+];
+
+/// The client configuration of a consumer that reads assigned partitions and never joins the
+/// group: the consumer's, without the membership properties.
+pub(crate) fn reader_config(kafka: &KafkaSettings) -> ClientConfig {
+    let mut config = consumer_config(kafka);
+    for property in MEMBERSHIP_PROPERTIES {
+        config.remove(property);
+    }
+    config
+}
+
 /// The producer's client configuration.
 pub(crate) fn producer_config(kafka: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();

@@ -104,7 +104,7 @@ pub async fn run_with_metrics(
         listener.local_addr()?,
     )));
     let following = tokio::spawn(owners::follow(
-        kafka::consumer_config(&service.kafka),
+        kafka::reader_config(&service.kafka),
         service.topics.instances.clone(),
         directory.clone(),
     ));

@@ -47,6 +47,10 @@ use crate::state::Shard;
 /// as all 16 at once, and retained less memory (`examples/restore_speed`).
 pub(crate) const RESTORE_CONCURRENCY: usize = 4;
 
+/// First and longest wait before a failed restore is tried again.
+const RESTORE_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const RESTORE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// The lane of the identity topic (after the inputs, by `Source::index`).
 const IDENTITY_LANE: usize = LANES - 1;
 
@@ -169,7 +173,15 @@ pub(crate) async fn run_task(
         }
     };
     let mut task = Task::new(shared.clone(), partition, shard, store, trackers, batches);
-    task.restore().await;
+    // A restore that keeps failing must not hold a revocation up: a stop ends it.
+    let stopped = tokio::select! {
+        () = task.restore() => false,
+        command = control.recv() => !matches!(command, Some(Control::AddQueue(..))),
+    };
+    shared.restoring.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    if stopped {
+        return;
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let batch_max = shared.config.tasks.batch_max_records;
@@ -310,59 +322,68 @@ impl Task {
         }
     }
 
-    /// Rebuilds the shard from the changelog before any input is processed.
+    /// Rebuilds the shard from the changelog before any input is processed. A failed read is
+    /// retried with backoff (counted, the partition stays restoring and the instance not
+    /// ready): starting empty would lose the partition's state.
     async fn restore(&mut self) {
         let shared = self.shared.clone();
-        let started = Instant::now();
-        // A few partitions at a time: as fast (the broker is the limit) and lighter than one
-        // consumer per assigned partition at once (README "Performance").
-        let _slot = shared.restore_slots.acquire().await;
-        let config = super::kafka::consumer_config(&shared.config.kafka);
-        let topic = shared.config.topics.changelog.clone();
         let partition = self.partition;
-        let read = tokio::task::spawn_blocking(move || read_changelog(config, &topic, partition)).await;
-        match read {
-            Ok(Ok(restored)) => {
-                let contacts = restored.contacts.len();
-                for (key, state) in restored.contacts {
-                    shared
-                        .metrics
-                        .contacts
-                        .with_label_values(&[shared.engine.model.stage(state.stage).id.as_str()])
-                        .inc();
-                    self.processor.restore(key, Box::new(state));
-                }
-                for (anonymous, contact) in restored.handovers {
-                    self.processor.restore_handover(anonymous.into(), contact.into());
-                }
-                self.skip = restored.checkpoint;
-                if let Some(ahead) = &restored.ahead {
-                    tracing::info!(
-                        partition,
-                        contacts = ahead.contacts.len(),
-                        "the last changelog write was cut short: its contacts skip the inputs it reflects"
-                    );
-                }
-                self.ahead = restored.ahead;
-                let seconds = started.elapsed().as_secs_f64();
-                shared.metrics.restored_records.inc_by(restored.records);
-                shared.metrics.restore_seconds.observe(seconds);
-                tracing::info!(
-                    partition,
-                    contacts,
-                    records = restored.records,
-                    seconds,
-                    "partition restored"
-                );
-            }
-            Ok(Err(error)) => tracing::error!(
+        let mut backoff = RESTORE_BACKOFF_MIN;
+        let restored = loop {
+            let started = Instant::now();
+            // A few partitions at a time: as fast (the broker is the limit) and lighter than
+            // one consumer per assigned partition at once (README "Performance").
+            let slot = shared.restore_slots.acquire().await;
+            let config = super::kafka::reader_config(&shared.config.kafka);
+            let topic = shared.config.topics.changelog.clone();
+            let read = tokio::task::spawn_blocking(move || read_changelog(config, &topic, partition)).await;
+            drop(slot);
+            let error = match read {
+                Ok(Ok(restored)) => break (restored, started.elapsed().as_secs_f64()),
+                Ok(Err(error)) => format!("{error:#}"),
+                Err(error) => error.to_string(),
+            };
+            shared.metrics.restore_failures.inc();
+            tracing::error!(
                 partition,
-                error = format!("{error:#}"),
-                "restore failed: starting empty"
-            ),
-            Err(error) => tracing::error!(partition, %error, "restore failed: starting empty"),
+                error,
+                retry_in_seconds = backoff.as_secs_f64(),
+                "restore failed: the partition waits and tries again"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RESTORE_BACKOFF_MAX);
+        };
+        let (restored, seconds) = restored;
+        let contacts = restored.contacts.len();
+        for (key, state) in restored.contacts {
+            shared
+                .metrics
+                .contacts
+                .with_label_values(&[shared.engine.model.stage(state.stage).id.as_str()])
+                .inc();
+            self.processor.restore(key, Box::new(state));
         }
-        shared.restoring.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        for (anonymous, contact) in restored.handovers {
+            self.processor.restore_handover(anonymous.into(), contact.into());
+        }
+        self.skip = restored.checkpoint;
+        if let Some(ahead) = &restored.ahead {
+            tracing::info!(
+                partition,
+                contacts = ahead.contacts.len(),
+                "the last changelog write was cut short: its contacts skip the inputs it reflects"
+            );
+        }
+        self.ahead = restored.ahead;
+        shared.metrics.restored_records.inc_by(restored.records);
+        shared.metrics.restore_seconds.observe(seconds);
+        tracing::info!(
+            partition,
+            contacts,
+            records = restored.records,
+            seconds,
+            "partition restored"
+        );
     }
 
     fn topic(&self, source: usize) -> &str {
