@@ -215,7 +215,7 @@ fn statefulset_environment_sets_static_membership_and_the_advertised_url() {
         consumer["group.instance.id"], POD,
         "static membership from the pod name"
     );
-    assert_eq!(consumer["partition.assignment.strategy"], "range");
+    assert_eq!(consumer["partition.assignment.strategy"], "cooperative-sticky");
     let headless = text(&one("StatefulSet")["spec"]["serviceName"]);
     assert_eq!(
         config.service.advertised_url,

@@ -39,7 +39,7 @@ use common::oracle::{
     avro_records, check_against_replay, clickstream_chunks, read_all_stage_changes, split_live_tail, OracleReport,
 };
 use common::service::{
-    create_service_topics, generated_events, replay_inputs_with_config, service_config, sum_samples, TOPICS,
+    create_service_topics, generated_events, replay_inputs_with_config, service_config, sum_samples, CHANGELOG, TOPICS,
 };
 use lifecycle_scorer::domain::{ContactEvent, Input};
 use lifecycle_scorer::http::wall_clock;
@@ -473,7 +473,7 @@ impl Chaos {
         }
         let status = self.uncommitted().await;
         let began = self.now_millis();
-        let joined = nudge_group(&self.bootstrap, &self.group, &TOPICS[..3]).await;
+        let joined = nudge_group(&self.bootstrap, &self.group, &[CHANGELOG]).await;
         assert!(joined, "the nudging consumer could not join the group");
         self.push("test".to_owned(), Kind::Nudge(unowned), began, status);
     }

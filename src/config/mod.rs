@@ -772,7 +772,7 @@ min_churn_risk = 1.5
         let consumer = &service.kafka.consumer_properties;
         assert_eq!(consumer["session.timeout.ms"], "6000");
         assert_eq!(
-            consumer["partition.assignment.strategy"], "range",
+            consumer["partition.assignment.strategy"], "cooperative-sticky",
             "defaults kept beside it"
         );
         assert_eq!(service.kafka.producer_properties["acks"], "all");
@@ -790,7 +790,8 @@ min_churn_risk = 1.5
 [kafka.properties]
 "group.id" = "sneaky"
 [kafka.consumer_properties]
-"partition.assignment.strategy" = "cooperative-sticky"
+"partition.assignment.strategy" = "cooperative-sticky,sticky"
+"enable.auto.commit" = "true"
 "group.protocol" = "consumer"
 [topics]
 purchases = "bad topic!"
@@ -812,7 +813,8 @@ rules = [{ on = "purchase:exploded", meta = "Purchase" }, { on = "purchase:*" }]
         .to_string();
         for expected in [
             "kafka.consumer_properties.\"group.id\"",
-            "kafka.consumer_properties.\"partition.assignment.strategy\": `cooperative-sticky` may give partition p",
+            "kafka.consumer_properties.\"partition.assignment.strategy\": unknown assignor [\"sticky\"]",
+            "kafka.consumer_properties.\"enable.auto.commit\": set by the service itself",
             "kafka.consumer_properties.\"group.protocol\": `consumer` is not supported",
             "topics.purchases: `bad topic!` is not a valid topic name",
             "topics.dead_letters: `clickstream` is already used by topics.clickstream",
@@ -845,6 +847,9 @@ rules = [{ on = "purchase:exploded", meta = "Purchase" }, { on = "purchase:*" }]
         assert_eq!(config.engine.scorer.model.kind, ModelKind::MbgNbd);
         let consumer = &config.service.kafka.consumer_properties;
         assert_eq!(consumer["group.instance.id"], "lifecycle-scorer-2");
-        assert_eq!(consumer["partition.assignment.strategy"], "range", "defaults kept");
+        assert_eq!(
+            consumer["partition.assignment.strategy"], "cooperative-sticky",
+            "defaults kept"
+        );
     }
 }

@@ -349,25 +349,33 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
             }
         }
     }
-    // Partition p of every consumed topic must reach one instance: of the classic protocol's
-    // assignors only range guarantees it (the sticky and round-robin ones balance topic
-    // partitions one by one).
+    // The group shares out the changelog's partitions only (partition p of every input goes
+    // with changelog partition p), so any of the classic protocol's assignors will do.
     if let Some(strategy) = consumer_properties.get("partition.assignment.strategy") {
-        if strategy.trim() != "range" {
+        let unknown: Vec<&str> = strategy
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !["range", "roundrobin", "cooperative-sticky"].contains(name))
+            .collect();
+        if !unknown.is_empty() {
             problems.push(
                 "kafka.consumer_properties.\"partition.assignment.strategy\"",
-                format!(
-                    "`{strategy}` may give partition p of the input topics to different instances; \
-                     the service needs `range` (co-partitioned inputs share one state shard)"
-                ),
+                format!("unknown assignor {unknown:?}: use cooperative-sticky (the default), range or roundrobin"),
             );
         }
+    }
+    if consumer_properties.contains_key("enable.auto.commit") {
+        problems.push(
+            "kafka.consumer_properties.\"enable.auto.commit\"",
+            "set by the service itself: it commits positions once the changelog holds the state they \
+             made (\"auto.commit.interval.ms\" sets how often)",
+        );
     }
     if let Some(protocol) = consumer_properties.get("group.protocol") {
         if protocol.trim() != "classic" {
             problems.push(
                 "kafka.consumer_properties.\"group.protocol\"",
-                format!("`{protocol}` is not supported: the service runs on the classic group protocol with the range assignor"),
+                format!("`{protocol}` is not supported: the service runs on the classic group protocol"),
             );
         }
     }

@@ -1,16 +1,22 @@
-//! The librdkafka clients: configuration, the consumer context (rebalance, statistics, commit
-//! and error callbacks) and the thread that serves the consumer's main queue.
+//! The librdkafka clients: configuration, the group consumer's context (rebalance and commit
+//! callbacks), the input reader's context (statistics) and the threads that serve the two
+//! consumers' main queues.
 //!
-//! Every input partition is split into its own queue in the pre-rebalance callback, before
-//! librdkafka fetches for it, and handed to the coordinator. Rebalance callbacks only run while
-//! the main queue is polled (rust-rdkafka #738), so one dedicated thread polls it for the
-//! service's whole life; on revocation that thread blocks, bounded, until the partitions' tasks
-//! have drained and their offsets are committed, so the next owner starts exactly where this
-//! one stopped.
+//! Two consumers. The *group* consumer is the instance's membership: it subscribes to the
+//! changelog topic alone (one partition per input partition, the service's own), so any
+//! assignor, cooperative-sticky by default, hands out whole partitions p; it never reads (its
+//! partitions are paused) and commits the input positions the tasks finished. The *input
+//! reader* never joins the group: a task that owns changelog partition p restores its shard,
+//! then assigns partition p of every input topic and of the identity topic to the reader,
+//! from the position the changelog's checkpoint names, in a queue of its own.
+//!
+//! Rebalance callbacks only run while the main queue is polled (rust-rdkafka #738), so one
+//! dedicated thread polls it for the service's whole life; on revocation that thread blocks,
+//! bounded, until the partitions' tasks have drained and their positions are committed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -26,95 +32,97 @@ use tokio::sync::mpsc;
 use crate::config::{KafkaSettings, Topics};
 use crate::metrics::Metrics;
 
-/// The consumer as the service uses it.
-pub(crate) type Consumer_ = StreamConsumer<ServiceContext>;
-/// A split partition queue.
-pub(crate) type PartitionQueue = StreamPartitionQueue<ServiceContext>;
+/// The group consumer.
+pub(crate) type GroupConsumer = StreamConsumer<ServiceContext>;
+/// The input reader.
+pub(crate) type InputReader = StreamConsumer<ReaderContext>;
+/// A split partition queue of the input reader.
+pub(crate) type PartitionQueue = StreamPartitionQueue<ReaderContext>;
 
-/// What the consumer thread tells the coordinator.
+/// What the group consumer's thread tells the coordinator.
+#[derive(Debug)]
 pub(crate) enum GroupEvent {
-    /// Input topic-partitions now owned, each with its own queue.
-    Assigned(Vec<(usize, i32, PartitionQueue)>),
+    /// Partitions now owned.
+    Assigned(Vec<i32>),
     /// Partitions about to be taken away: drain them, then answer.
     Revoking(Vec<i32>, std::sync::mpsc::Sender<()>),
 }
 
-impl std::fmt::Debug for GroupEvent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GroupEvent::Assigned(queues) => {
-                let owned: Vec<(usize, i32)> = queues
-                    .iter()
-                    .map(|(source, partition, _)| (*source, *partition))
-                    .collect();
-                f.debug_tuple("Assigned").field(&owned).finish()
-            }
-            GroupEvent::Revoking(partitions, _) => f.debug_tuple("Revoking").field(partitions).finish(),
-        }
-    }
-}
-
-/// Callbacks of the consumer.
+/// Callbacks of the group consumer.
 pub(crate) struct ServiceContext {
     topics: Topics,
     metrics: Arc<Metrics>,
     events: mpsc::UnboundedSender<GroupEvent>,
-    consumer: OnceLock<Weak<Consumer_>>,
     /// False while every broker is unreachable.
     pub(crate) brokers_up: Arc<AtomicBool>,
-    /// The offsets the tasks stored last, by (topic, partition): what a commit would write.
-    pub(crate) stored: Arc<StoredPositions>,
+    /// The input positions the tasks finished, to commit.
+    pub(crate) positions: Arc<Positions>,
     drain_timeout: Duration,
 }
 
-/// Input positions stored for commit, and those whose commit a rebalance refused.
+/// Input positions finished (outputs acknowledged, state in the changelog), by (topic,
+/// partition), and which of them are committed.
+///
+/// Commits are for the tools that watch a group's lag: an owner starts from its changelog's
+/// checkpoint, and from the committed offsets only when the changelog has none.
 #[derive(Debug, Default)]
-pub(crate) struct StoredPositions {
-    latest: Mutex<HashMap<(String, i32), i64>>,
-    /// Revoked while their commit was refused (brokers refuse commits while a rebalance is in
-    /// progress). When the partition comes back to this instance, consumption resumes here
-    /// instead of at the older committed offset, so nothing finished is read again.
-    refused: Mutex<HashMap<(String, i32), i64>>,
+pub(crate) struct Positions {
+    inner: Mutex<PositionMaps>,
 }
 
-impl StoredPositions {
-    /// Notes the position stored for a partition.
-    pub(crate) fn stored(&self, topic: &str, partition: i32, offset: i64) {
-        if let Ok(mut latest) = self.latest.lock() {
-            latest.insert((topic.to_owned(), partition), offset);
+#[derive(Debug, Default)]
+struct PositionMaps {
+    latest: HashMap<(String, i32), i64>,
+    committed: HashMap<(String, i32), i64>,
+}
+
+impl Positions {
+    /// Notes the position finished for a partition.
+    pub(crate) fn finished(&self, topic: &str, partition: i32, offset: i64) {
+        if let Ok(mut maps) = self.inner.lock() {
+            maps.latest.insert((topic.to_owned(), partition), offset);
         }
     }
 
-    fn revoked(&self, list: &TopicPartitionList, committed: bool) {
-        let (Ok(mut latest), Ok(mut refused)) = (self.latest.lock(), self.refused.lock()) else {
-            return;
+    /// The positions not committed yet (of `partitions` only, when given), noted as
+    /// committed: a failed commit hands them back ([`Positions::failed`]).
+    pub(crate) fn to_commit(&self, partitions: Option<&[i32]>) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        let Ok(mut maps) = self.inner.lock() else {
+            return list;
         };
-        for element in list.elements() {
-            let key = (element.topic().to_owned(), element.partition());
-            if let Some(offset) = latest.remove(&key) {
-                if !committed {
-                    refused.insert(key, offset);
-                }
+        let PositionMaps { latest, committed } = &mut *maps;
+        for ((topic, partition), offset) in latest.iter() {
+            if partitions.is_some_and(|only| !only.contains(partition)) {
+                continue;
+            }
+            let key = (topic.clone(), *partition);
+            if committed.get(&key) != Some(offset) {
+                let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+                committed.insert(key, *offset);
+            }
+        }
+        list
+    }
+
+    /// Forgets that `list`'s positions are committed (their commit failed): the next commit
+    /// sends them again.
+    pub(crate) fn failed(&self, list: &TopicPartitionList) {
+        if let Ok(mut maps) = self.inner.lock() {
+            for element in list.elements() {
+                maps.committed
+                    .remove(&(element.topic().to_owned(), element.partition()));
             }
         }
     }
 
-    /// The refused positions of `list`'s partitions; forgets every other refused position (an
-    /// assignment is complete: partitions not in it are someone else's now).
-    fn take_refused(&self, list: &TopicPartitionList) -> Vec<(String, i32, i64)> {
-        let Ok(mut refused) = self.refused.lock() else {
-            return Vec::new();
-        };
-        let found = list
-            .elements()
-            .iter()
-            .filter_map(|element| {
-                let key = (element.topic().to_owned(), element.partition());
-                refused.get(&key).map(|offset| (key.0, key.1, *offset))
-            })
-            .collect();
-        refused.clear();
-        found
+    /// Forgets `partitions` (revoked: another instance commits them from now on).
+    pub(crate) fn forget(&self, partitions: &[i32]) {
+        if let Ok(mut maps) = self.inner.lock() {
+            maps.latest.retain(|(_, partition), _| !partitions.contains(partition));
+            maps.committed
+                .retain(|(_, partition), _| !partitions.contains(partition));
+        }
     }
 }
 
@@ -123,152 +131,164 @@ impl ServiceContext {
         topics: Topics,
         metrics: Arc<Metrics>,
         events: mpsc::UnboundedSender<GroupEvent>,
+        brokers_up: Arc<AtomicBool>,
         drain_timeout: Duration,
     ) -> Self {
         ServiceContext {
             topics,
             metrics,
             events,
-            consumer: OnceLock::new(),
-            brokers_up: Arc::new(AtomicBool::new(true)),
-            stored: Arc::default(),
+            brokers_up,
+            positions: Arc::default(),
             drain_timeout,
+        }
+    }
+
+    /// Commits `list` (not empty) and counts a failure.
+    fn commit(&self, consumer: &impl Consumer<Self>, list: &TopicPartitionList, mode: CommitMode) -> bool {
+        match consumer.commit(list, mode) {
+            Ok(()) => true,
+            Err(error) => {
+                self.positions.failed(list);
+                self.metrics.commit_failures.inc();
+                tracing::warn!(%error, "offset commit failed");
+                false
+            }
         }
     }
 }
 
-impl ClientContext for ServiceContext {
+/// Callbacks of the input reader: statistics (consumer lag) and errors.
+pub(crate) struct ReaderContext {
+    topics: Topics,
+    metrics: Arc<Metrics>,
+    brokers_up: Arc<AtomicBool>,
+}
+
+impl ReaderContext {
+    pub(crate) fn new(topics: Topics, metrics: Arc<Metrics>, brokers_up: Arc<AtomicBool>) -> Self {
+        ReaderContext {
+            topics,
+            metrics,
+            brokers_up,
+        }
+    }
+}
+
+impl ClientContext for ReaderContext {
     fn stats(&self, statistics: Statistics) {
-        let mut any_up = false;
-        for broker in statistics.brokers.values() {
-            any_up |= broker.state == "UP";
-        }
-        if any_up {
-            self.brokers_up.store(true, Ordering::Relaxed);
-        }
+        note_brokers(&self.brokers_up, &statistics);
         for (name, topic) in &statistics.topics {
             if self.topics.lane_of(name).is_none() {
                 continue;
             }
             for (partition, stats) in &topic.partitions {
-                // -1 is librdkafka's internal unassigned partition; lag is -1 until known.
-                if *partition < 0 || stats.consumer_lag < 0 {
+                // -1 is librdkafka's internal unassigned partition; lag is -1 until known. The
+                // reader stores the positions the tasks finished (it never commits).
+                if *partition < 0 || stats.consumer_lag_stored < 0 {
                     continue;
                 }
                 self.metrics
                     .consumer_lag
                     .with_label_values(&[name.as_str(), &partition.to_string()])
-                    .set(stats.consumer_lag);
+                    .set(stats.consumer_lag_stored);
             }
         }
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", facility = fac, "{log_message}");
-            }
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", facility = fac, "{log_message}");
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
-        }
+        log(level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        match error.rdkafka_error_code() {
-            // The partition tasks see end-of-partition events themselves.
-            Some(RDKafkaErrorCode::PartitionEOF) => return,
-            Some(RDKafkaErrorCode::AllBrokersDown) => self.brokers_up.store(false, Ordering::Relaxed),
-            _ => {}
+        client_error(&self.brokers_up, error, reason);
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+/// Any broker up in `statistics` means the brokers are reachable again.
+fn note_brokers(brokers_up: &AtomicBool, statistics: &Statistics) {
+    if statistics.brokers.values().any(|broker| broker.state == "UP") {
+        brokers_up.store(true, Ordering::Relaxed);
+    }
+}
+
+/// librdkafka's log lines, at their level.
+fn log(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", facility = fac, "{log_message}");
         }
-        tracing::warn!(%error, reason, "kafka client error");
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{log_message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", facility = fac, "{log_message}");
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
+    }
+}
+
+/// A client error: all brokers down clears `brokers_up`.
+fn client_error(brokers_up: &AtomicBool, error: KafkaError, reason: &str) {
+    match error.rdkafka_error_code() {
+        // The partition tasks see end-of-partition events themselves.
+        Some(RDKafkaErrorCode::PartitionEOF) => return,
+        Some(RDKafkaErrorCode::AllBrokersDown) => brokers_up.store(false, Ordering::Relaxed),
+        _ => {}
+    }
+    tracing::warn!(%error, reason, "kafka client error");
+}
+
+impl ClientContext for ServiceContext {
+    fn stats(&self, statistics: Statistics) {
+        note_brokers(&self.brokers_up, &statistics);
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        client_error(&self.brokers_up, error, reason);
     }
 }
 
 impl ConsumerContext for ServiceContext {
+    /// Runs before librdkafka assigns or unassigns: a revocation drains the tasks and commits
+    /// their positions while the partitions are still this member's.
     fn pre_rebalance(&self, base_consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
                 self.metrics.rebalances.with_label_values(&["assign"]).inc();
-                let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-                    return;
-                };
-                let mut queues = Vec::new();
-                for element in list.elements() {
-                    let Some(lane) = self.topics.lane_of(element.topic()) else {
-                        tracing::warn!(topic = element.topic(), "assigned a topic that is not an input");
-                        continue;
-                    };
-                    match consumer.split_partition_queue(element.topic(), element.partition()) {
-                        Some(queue) => queues.push((lane, element.partition(), queue)),
-                        None => tracing::error!(
-                            topic = element.topic(),
-                            partition = element.partition(),
-                            "cannot split the partition's queue"
-                        ),
-                    }
-                }
-                tracing::info!(partitions = queues.len(), "partitions assigned");
+                let partitions = self.owned(list);
+                tracing::info!(?partitions, "partitions assigned");
                 // The coordinator only goes away at shutdown, when nothing is assigned any more.
-                let _ = self.events.send(GroupEvent::Assigned(queues));
+                let _ = self.events.send(GroupEvent::Assigned(partitions));
             }
-            Rebalance::Revoke(list) => {
-                self.metrics.rebalances.with_label_values(&["revoke"]).inc();
-                let mut partitions: Vec<i32> = list.elements().iter().map(|element| element.partition()).collect();
-                partitions.sort_unstable();
-                partitions.dedup();
-                tracing::info!(?partitions, "partitions revoked: draining");
-                let (done, drained) = std::sync::mpsc::channel();
-                if self.events.send(GroupEvent::Revoking(partitions, done)).is_ok()
-                    && drained.recv_timeout(self.drain_timeout).is_err()
-                {
-                    tracing::error!(
-                        timeout_seconds = self.drain_timeout.as_secs_f64(),
-                        "revoked partitions did not drain in time; committing what is acknowledged"
-                    );
-                }
-                let committed = match base_consumer.commit_consumer_state(CommitMode::Sync) {
-                    Ok(()) => true,
-                    Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => true,
-                    Err(error) => {
-                        self.metrics.commit_failures.inc();
-                        tracing::warn!(%error, "commit on revocation refused; positions kept for a reassignment");
-                        false
-                    }
-                };
-                self.stored.revoked(list, committed);
-            }
-            Rebalance::Error(error) => tracing::error!(%error, "rebalance error"),
+            Rebalance::Revoke(list) => self.revoke(base_consumer, list),
+            Rebalance::Error(_) => {}
         }
     }
 
     fn post_rebalance(&self, base_consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Assign(list) = rebalance else { return };
-        for (topic, partition, offset) in self.stored.take_refused(list) {
-            // Back where this instance had finished, not at the older committed offset.
-            match base_consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO) {
-                Ok(()) => {
-                    let mut position = TopicPartitionList::new();
-                    let _ = position.add_partition_offset(&topic, partition, Offset::Offset(offset));
-                    let _ = base_consumer.store_offsets(&position);
-                    tracing::info!(
-                        topic,
-                        partition,
-                        offset,
-                        "resumed at the position whose commit was refused"
-                    );
+        match rebalance {
+            // The group consumer never reads the changelog (tasks restore with readers of
+            // their own): its partitions stay paused.
+            Rebalance::Assign(list) => {
+                if let Err(error) = base_consumer.pause(list) {
+                    tracing::warn!(%error, "cannot pause the assigned changelog partitions");
                 }
-                Err(error) => tracing::warn!(topic, partition, %error, "cannot resume at the refused position"),
             }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => tracing::error!(%error, "rebalance error"),
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if let Err(error) = result {
             // Nothing stored since the last commit is not a failure.
             if !matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::NoOffset)) {
+                self.positions.failed(offsets);
                 self.metrics.commit_failures.inc();
                 tracing::warn!(%error, "offset commit failed");
             }
@@ -276,7 +296,43 @@ impl ConsumerContext for ServiceContext {
     }
 }
 
-/// The consumer's client configuration.
+impl ServiceContext {
+    /// The partitions of the changelog in `list`.
+    fn owned(&self, list: &TopicPartitionList) -> Vec<i32> {
+        let mut partitions: Vec<i32> = list
+            .elements()
+            .iter()
+            .filter(|element| element.topic() == self.topics.changelog)
+            .map(|element| element.partition())
+            .collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        partitions
+    }
+
+    /// Drains the revoked partitions' tasks (bounded) and commits what they finished.
+    fn revoke(&self, base_consumer: &BaseConsumer<Self>, list: &TopicPartitionList) {
+        self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+        let partitions = self.owned(list);
+        tracing::info!(?partitions, "partitions revoked: draining");
+        let (done, drained) = std::sync::mpsc::channel();
+        if self.events.send(GroupEvent::Revoking(partitions.clone(), done)).is_ok()
+            && drained.recv_timeout(self.drain_timeout).is_err()
+        {
+            tracing::error!(
+                timeout_seconds = self.drain_timeout.as_secs_f64(),
+                "revoked partitions did not drain in time; committing what is finished"
+            );
+        }
+        let list = self.positions.to_commit(Some(&partitions));
+        if list.count() > 0 {
+            self.commit(base_consumer, &list, CommitMode::Sync);
+        }
+        self.positions.forget(&partitions);
+    }
+}
+
+/// The consumer properties, the service's own over the configured ones.
 pub(crate) fn consumer_config(kafka: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     for (key, value) in &kafka.consumer_properties {
@@ -286,6 +342,8 @@ pub(crate) fn consumer_config(kafka: &KafkaSettings) -> ClientConfig {
         .set("bootstrap.servers", &kafka.bootstrap_servers)
         .set("group.id", &kafka.group_id)
         .set("client.id", &kafka.client_id)
+        // Positions are committed by the service, once the changelog holds what they reflect.
+        .set("enable.auto.commit", "false")
         // Offsets are stored only once everything a record caused is acknowledged.
         .set("enable.auto.offset.store", "false")
         // End-of-partition events tell a task its input is caught up.
@@ -295,7 +353,7 @@ pub(crate) fn consumer_config(kafka: &KafkaSettings) -> ClientConfig {
 }
 
 /// Properties that make a consumer a member of the group: a reader of assigned partitions
-/// (restore, the instances topic) must not carry them.
+/// (the input reader, restore, the instances topic) must not carry them.
 const MEMBERSHIP_PROPERTIES: [&str; 5] = [
     "group.instance.id",
     "partition.assignment.strategy",
@@ -305,7 +363,8 @@ const MEMBERSHIP_PROPERTIES: [&str; 5] = [
 ];
 
 /// The client configuration of a consumer that reads assigned partitions and never joins the
-/// group: the consumer's, without the membership properties.
+/// group: the consumer's, without the membership properties. It keeps `group.id`, so a
+/// partition assigned at [`Offset::Stored`] starts at the group's committed offset.
 pub(crate) fn reader_config(kafka: &KafkaSettings) -> ClientConfig {
     let mut config = consumer_config(kafka);
     for property in MEMBERSHIP_PROPERTIES {
@@ -326,12 +385,25 @@ pub(crate) fn producer_config(kafka: &KafkaSettings) -> ClientConfig {
     config
 }
 
-/// Creates the consumer and remembers it in its own context (the pre-rebalance callback
-/// splits queues off it).
-pub(crate) fn create_consumer(kafka: &KafkaSettings, context: ServiceContext) -> KafkaResult<Arc<Consumer_>> {
-    let consumer: Arc<Consumer_> = Arc::new(consumer_config(kafka).create_with_context(context)?);
-    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
-    Ok(consumer)
+/// How often finished positions are committed: the consumer's `auto.commit.interval.ms`
+/// (librdkafka's default, 5 s, when unset).
+pub(crate) fn commit_interval(kafka: &KafkaSettings) -> Duration {
+    let millis = kafka
+        .consumer_properties
+        .get("auto.commit.interval.ms")
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(5_000);
+    Duration::from_millis(millis)
+}
+
+/// Creates the group consumer.
+pub(crate) fn create_group_consumer(kafka: &KafkaSettings, context: ServiceContext) -> KafkaResult<Arc<GroupConsumer>> {
+    Ok(Arc::new(consumer_config(kafka).create_with_context(context)?))
+}
+
+/// Creates the input reader.
+pub(crate) fn create_reader(kafka: &KafkaSettings, context: ReaderContext) -> KafkaResult<Arc<InputReader>> {
+    Ok(Arc::new(reader_config(kafka).create_with_context(context)?))
 }
 
 /// Creates the output producer.
@@ -339,37 +411,50 @@ pub(crate) fn create_producer(kafka: &KafkaSettings) -> KafkaResult<FutureProduc
     producer_config(kafka).create()
 }
 
-/// Serves the consumer's main queue (rebalances, errors) on a thread of its own until `stop`
-/// is set. Messages never arrive there: every input partition is split off on assignment;
-/// anything that does is logged. The thread drives the queue with a small runtime of its own,
-/// so it never depends on (or outlives) the service's.
-pub(crate) fn serve_main_queue(
-    consumer: Arc<Consumer_>,
+/// Commits the positions finished since the last commit, without waiting (failures come
+/// back through the commit callback).
+pub(crate) fn commit_finished(consumer: &GroupConsumer) {
+    let context = consumer.context();
+    let list = context.positions.to_commit(None);
+    if list.count() > 0 {
+        context.commit(consumer, &list, CommitMode::Async);
+    }
+}
+
+/// Commits every position finished, waiting for the broker (shutdown).
+pub(crate) fn commit_all(consumer: &GroupConsumer) -> bool {
+    let context = consumer.context();
+    let list = context.positions.to_commit(None);
+    list.count() == 0 || context.commit(consumer, &list, CommitMode::Sync)
+}
+
+/// Serves a consumer's main queue (rebalances, statistics, errors) on a thread of its own
+/// until `stop` is set. Records never arrive there: the input reader's partitions are split
+/// off before they are assigned and the group consumer's are paused; anything that does is
+/// logged. The thread drives the queue with a small runtime of its own, so it never depends
+/// on (or outlives) the service's.
+pub(crate) fn serve_main_queue<C: ConsumerContext + 'static>(
+    name: &str,
+    consumer: Arc<StreamConsumer<C>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-    std::thread::Builder::new()
-        .name("kafka-main-queue".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let polled = runtime.block_on(async {
-                    tokio::time::timeout(Duration::from_millis(200), consumer.recv())
-                        .await
-                        .ok()
-                        .map(|result| result.map(|message| (message.topic().to_owned(), message.partition())))
-                });
-                match polled {
-                    None => {}
-                    Some(Ok((topic, partition))) => {
-                        tracing::warn!(
-                            topic,
-                            partition,
-                            "record on the main queue: its partition was not split"
-                        );
-                    }
-                    Some(Err(KafkaError::PartitionEOF(_))) => {}
-                    Some(Err(error)) => tracing::warn!(%error, "consumer error"),
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let polled = runtime.block_on(async {
+                tokio::time::timeout(Duration::from_millis(200), consumer.recv())
+                    .await
+                    .ok()
+                    .map(|result| result.map(|message| (message.topic().to_owned(), message.partition())))
+            });
+            match polled {
+                None => {}
+                Some(Ok((topic, partition))) => {
+                    tracing::debug!(topic, partition, "record on a main queue: dropped");
                 }
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(error)) => tracing::warn!(%error, "consumer error"),
             }
-        })
+        }
+    })
 }

@@ -1,11 +1,14 @@
 //! `run`: the Kafka service around the core.
 //!
-//! One consumer group reads the co-partitioned input topics; partition p of every input is
-//! owned by one task with its own state shard (see [`task`]). A coordinator starts tasks on
-//! assignment and drains them on revocation and shutdown; the HTTP server reads the shards.
-//! Delivery: an input offset is stored only after every output it caused is acknowledged
-//! (idempotent producer, acks=all), and committed by librdkafka's auto-commit of stored
-//! offsets, synchronously on revocation and shutdown.
+//! The instances share the changelog's partitions through one consumer group (any assignor,
+//! cooperative-sticky by default); the owner of changelog partition p owns partition p of
+//! every input topic, read by a task with its own state shard (see [`task`], [`kafka`]). A
+//! coordinator starts tasks on assignment and drains them on revocation and shutdown; the
+//! HTTP server reads the shards. Delivery: an input position is finished only after every
+//! output it caused is acknowledged (idempotent producer, acks=all) and the changelog holds
+//! the state it made, with a checkpoint of the positions; the next owner starts there. The
+//! positions are also committed to the group, for lag tooling, every
+//! `auto.commit.interval.ms`, synchronously on revocation and shutdown.
 
 pub mod embedded;
 mod kafka;
@@ -22,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::producer::Producer;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -33,11 +36,9 @@ use crate::codec::output::OutputEncoder;
 use crate::config::{Config, OutputFormat, ServiceConfig};
 use crate::domain::Timestamp;
 use crate::http::{serve, OwnedShards, QueryState};
-use crate::lifecycle::Engine;
 use crate::metrics::Metrics;
-use crate::state::codec::LANES;
 use crate::state::{new_shard, Shard};
-use kafka::{GroupEvent, ServiceContext};
+use kafka::{GroupEvent, ReaderContext, ServiceContext};
 use task::{run_task, Control, Shared};
 
 /// What `run` needs besides the configuration.
@@ -87,17 +88,23 @@ pub async fn run_with_metrics(
     let partitions = check_topics(&producer, &service).await?;
 
     let (events, mut group_events) = mpsc::unbounded_channel();
+    let brokers_up = Arc::new(AtomicBool::new(true));
     let context = ServiceContext::new(
         service.topics.clone(),
         metrics.clone(),
         events,
+        brokers_up.clone(),
         service.tasks.shutdown_timeout,
     );
-    let brokers_up = context.brokers_up.clone();
-    let consumer = kafka::create_consumer(&service.kafka, context).context("cannot create the consumer")?;
+    let consumer = kafka::create_group_consumer(&service.kafka, context).context("cannot create the group consumer")?;
+    let reader = kafka::create_reader(
+        &service.kafka,
+        ReaderContext::new(service.topics.clone(), metrics.clone(), brokers_up.clone()),
+    )
+    .context("cannot create the input reader")?;
     consumer
-        .subscribe(&service.topics.lanes())
-        .context("cannot subscribe to the input topics")?;
+        .subscribe(&[service.topics.changelog.as_str()])
+        .context("cannot subscribe to the changelog topic")?;
 
     let directory = Arc::new(owners::InstanceDirectory::new(advertised_url(
         &service.advertised_url,
@@ -129,8 +136,13 @@ pub async fn run_with_metrics(
     }));
 
     let stop_main_queue = Arc::new(AtomicBool::new(false));
-    let main_queue = kafka::serve_main_queue(consumer.clone(), stop_main_queue.clone())
-        .context("cannot start the consumer's main-queue thread")?;
+    let main_queues = [
+        kafka::serve_main_queue("kafka-group", consumer.clone(), stop_main_queue.clone()),
+        kafka::serve_main_queue("kafka-reader", reader.clone(), stop_main_queue.clone()),
+    ]
+    .into_iter()
+    .collect::<std::io::Result<Vec<_>>>()
+    .context("cannot start the consumers' main-queue threads")?;
     let shared = Arc::new(Shared {
         engine: engine.clone(),
         processing: config.processing,
@@ -139,7 +151,8 @@ pub async fn run_with_metrics(
         producer: producer.clone(),
         encoder,
         schemas,
-        consumer: consumer.clone(),
+        reader: reader.clone(),
+        positions: consumer.context().positions.clone(),
         topics: task::OutputTopics::new(&service.topics),
         partitions,
         restoring: std::sync::atomic::AtomicUsize::new(0),
@@ -156,13 +169,15 @@ pub async fn run_with_metrics(
     let mut tasks: BTreeMap<i32, TaskHandle> = BTreeMap::new();
     let mut assigned_once = false;
     let mut readiness = tokio::time::interval(Duration::from_millis(250));
+    let commit_interval = kafka::commit_interval(&service.kafka);
+    let mut last_commit = std::time::Instant::now();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             event = group_events.recv() => match event {
-                Some(GroupEvent::Assigned(queues)) => {
-                    let started = assign(&shared, &shards, &mut tasks, queues).await;
+                Some(GroupEvent::Assigned(partitions)) => {
+                    let started = assign(&shared, &shards, &mut tasks, partitions);
                     let (producer, topic, directory) =
                         (producer.clone(), service.topics.instances.clone(), directory.clone());
                     tokio::spawn(async move {
@@ -174,7 +189,7 @@ pub async fn run_with_metrics(
                     ready.store(false, Ordering::Relaxed);
                     for partition in partitions {
                         if let Some(handle) = tasks.remove(&partition) {
-                            stop_task(partition, handle, &shards, &engine, &metrics).await;
+                            stop_task(partition, handle, &shards, &shared).await;
                         }
                     }
                     let _ = done.send(());
@@ -182,6 +197,10 @@ pub async fn run_with_metrics(
                 None => break,
             },
             _ = readiness.tick() => {}
+        }
+        if last_commit.elapsed() >= commit_interval {
+            kafka::commit_finished(&consumer);
+            last_commit = std::time::Instant::now();
         }
         let restoring = shared.restoring.load(Ordering::Acquire);
         metrics
@@ -200,26 +219,26 @@ pub async fn run_with_metrics(
     let bound = service.tasks.shutdown_timeout;
     let drained = tokio::time::timeout(bound, async {
         for (partition, handle) in std::mem::take(&mut tasks) {
-            stop_task(partition, handle, &shards, &engine, &metrics).await;
+            stop_task(partition, handle, &shards, &shared).await;
         }
         let committing = consumer.clone();
-        let committed = tokio::task::spawn_blocking(move || committing.commit_consumer_state(CommitMode::Sync)).await;
-        if let Ok(Err(error)) = committed {
-            if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::NoOffset) {
-                metrics.commit_failures.inc();
-                tracing::warn!(%error, "final commit failed");
-            }
-        }
+        let _ = tokio::task::spawn_blocking(move || kafka::commit_all(&committing)).await;
     })
     .await;
     following.abort();
     stop_main_queue.store(true, Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || main_queue.join()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for thread in main_queues {
+            let _ = thread.join();
+        }
+    })
+    .await;
     drop(shared);
     let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
     let _ = http_stop.send(());
     let _ = http.await;
-    // The consumer closes (leaving the group) when its last handle goes.
+    // The consumers close (the group one leaving the group) when their last handles go.
+    drop(reader);
     drop(consumer);
     if drained.is_err() {
         bail!(
@@ -249,37 +268,17 @@ fn advertised_url(configured: &str, listen: std::net::SocketAddr) -> String {
     format!("http://{host}:{}", listen.port())
 }
 
-/// Starts tasks for newly assigned partitions, or gives a running task its other topics.
-/// Returns the partitions started.
-async fn assign(
+/// Starts a task for each newly assigned partition. Returns the partitions started.
+fn assign(
     shared: &Arc<Shared>,
     shards: &Arc<OwnedShards>,
     tasks: &mut BTreeMap<i32, TaskHandle>,
-    queues: Vec<(usize, i32, kafka::PartitionQueue)>,
+    partitions: Vec<i32>,
 ) -> Vec<i32> {
     let mut started = Vec::new();
-    let mut by_partition: BTreeMap<i32, Vec<(usize, kafka::PartitionQueue)>> = BTreeMap::new();
-    for (source, partition, queue) in queues {
-        by_partition.entry(partition).or_default().push((source, queue));
-    }
-    for (partition, queues) in by_partition {
-        if let Some(handle) = tasks.get(&partition) {
-            for (source, queue) in queues {
-                let _ = handle.control.send(Control::AddQueue(source, queue)).await;
-            }
+    for partition in partitions {
+        if tasks.contains_key(&partition) {
             continue;
-        }
-        if queues.len() < LANES {
-            let lanes = shared.config.topics.lanes();
-            let missing: Vec<&str> = (0..LANES)
-                .filter(|lane| !queues.iter().any(|(have, _)| have == lane))
-                .map(|lane| lanes[lane])
-                .collect();
-            tracing::warn!(
-                partition,
-                ?missing,
-                "not every topic's partition is assigned here: the partition waits for the rest (topics must be co-partitioned, range assignor)"
-            );
         }
         let shard = Arc::new(new_shard(0));
         if let Ok(index) = u32::try_from(partition) {
@@ -287,15 +286,16 @@ async fn assign(
         }
         shared.restoring.fetch_add(1, Ordering::AcqRel);
         let (control, commands) = mpsc::channel(8);
-        let join = tokio::spawn(run_task(shared.clone(), partition, shard.clone(), queues, commands));
+        let join = tokio::spawn(run_task(shared.clone(), partition, shard.clone(), commands));
         tasks.insert(partition, TaskHandle { control, join, shard });
         started.push(partition);
     }
     started
 }
 
-/// Stops a task (it finishes and stores offsets for what it read) and forgets its shard.
-async fn stop_task(partition: i32, handle: TaskHandle, shards: &OwnedShards, engine: &Engine, metrics: &Metrics) {
+/// Stops a task (it finishes, writes the changelog and gives its input partitions back) and
+/// forgets its shard and per-partition series.
+async fn stop_task(partition: i32, handle: TaskHandle, shards: &OwnedShards, shared: &Shared) {
     let _ = handle.control.send(Control::Stop).await;
     if let Err(error) = handle.join.await {
         tracing::error!(partition, %error, "partition task failed");
@@ -303,7 +303,16 @@ async fn stop_task(partition: i32, handle: TaskHandle, shards: &OwnedShards, eng
     if let Ok(index) = u32::try_from(partition) {
         shards.remove(index);
     }
-    metrics.forget_shard(&handle.shard, &engine.model, partition);
+    shared
+        .metrics
+        .forget_shard(&handle.shard, &shared.engine.model, partition);
+    let label = partition.to_string();
+    for topic in shared.config.topics.lanes() {
+        let _ = shared
+            .metrics
+            .consumer_lag
+            .remove_label_values(&[topic, label.as_str()]);
+    }
 }
 
 /// Checks that the topics exist and the inputs are co-partitioned; returns their partition

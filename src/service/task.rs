@@ -21,7 +21,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::kafka::{Consumer_, PartitionQueue};
+use super::kafka::{InputReader, PartitionQueue, Positions};
 use super::offsets::OffsetTracker;
 use super::restore::{read_changelog, Ahead};
 use super::schemas::Schemas;
@@ -63,7 +63,10 @@ pub(crate) struct Shared {
     pub(crate) producer: FutureProducer,
     pub(crate) encoder: OutputEncoder,
     pub(crate) schemas: Arc<Schemas>,
-    pub(crate) consumer: Arc<Consumer_>,
+    /// Reads the input partitions the tasks assign it.
+    pub(crate) reader: Arc<InputReader>,
+    /// Input positions finished, for the group consumer to commit.
+    pub(crate) positions: Arc<Positions>,
     /// The output topics' names.
     pub(crate) topics: OutputTopics,
     /// Partitions of every input topic (and of the identity topic).
@@ -78,9 +81,7 @@ pub(crate) struct Shared {
 
 /// Commands to a running task.
 pub(crate) enum Control {
-    /// Another input topic of this partition was assigned.
-    AddQueue(usize, PartitionQueue),
-    /// Stop reading, finish what was read, store offsets, end.
+    /// Stop reading, finish what was read, write the changelog, end.
     Stop,
 }
 
@@ -142,68 +143,46 @@ pub(crate) async fn run_task(
     shared: Arc<Shared>,
     partition: i32,
     shard: Arc<Shard>,
-    initial: Vec<(usize, PartitionQueue)>,
     mut control: mpsc::Receiver<Control>,
 ) {
-    let mut queues: [Option<PartitionQueue>; LANES] = Default::default();
-    for (source, queue) in initial {
-        queues[source] = Some(queue);
-    }
-    // The shard is this partition's only when every topic of it is: with some of them owned
-    // by another instance, two tasks would write one changelog partition. Wait (not ready)
-    // until the rest arrives; the range assignor gives them together.
-    while queues.iter().any(Option::is_none) {
-        match control.recv().await {
-            Some(Control::AddQueue(source, queue)) => queues[source] = Some(queue),
-            Some(Control::Stop) | None => {
-                shared.restoring.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                return;
-            }
-        }
-    }
-    let trackers: Arc<Mutex<[OffsetTracker; LANES]>> = Arc::default();
-    let (batches, acked) = mpsc::channel::<Batch>(64);
-    let acker = tokio::spawn(acknowledge(shared.clone(), partition, trackers.clone(), acked));
+    let done_restoring = || shared.restoring.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     let store = match shared.schemas.store() {
         Ok(store) => store,
         Err(error) => {
             tracing::error!(%error, "cannot load the configured schemas");
-            shared.restoring.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            done_restoring();
             return;
         }
     };
+    let trackers: Arc<Mutex<[OffsetTracker; LANES]>> = Arc::default();
+    let (batches, acked) = mpsc::channel::<Batch>(64);
+    let acker = tokio::spawn(acknowledge(shared.clone(), partition, trackers.clone(), acked));
     let mut task = Task::new(shared.clone(), partition, shard, store, trackers, batches);
     // A restore that keeps failing must not hold a revocation up: a stop ends it.
-    let stopped = tokio::select! {
-        () = task.restore() => false,
-        command = control.recv() => !matches!(command, Some(Control::AddQueue(..))),
+    let opened = tokio::select! {
+        queues = task.start() => Some(queues),
+        _ = control.recv() => None,
     };
-    shared.restoring.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    if stopped {
-        return;
-    }
+    done_restoring();
+    let Some(queues) = opened else { return };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let batch_max = shared.config.tasks.batch_max_records;
     loop {
         tokio::select! {
             biased;
-            command = control.recv() => match command {
-                Some(Control::AddQueue(source, queue)) => queues[source] = Some(queue),
-                Some(Control::Stop) | None => break,
-            },
-            received = recv(&queues[0]), if queues[0].is_some() => task.on_record(0, received).await,
-            received = recv(&queues[1]), if queues[1].is_some() => task.on_record(1, received).await,
-            received = recv(&queues[2]), if queues[2].is_some() => task.on_record(2, received).await,
-            received = recv(&queues[3]), if queues[3].is_some() => task.on_record(3, received).await,
-            _ = tick.tick() => task.on_tick(&queues),
+            _ = control.recv() => break,
+            received = queues[0].recv() => task.on_record(0, received).await,
+            received = queues[1].recv() => task.on_record(1, received).await,
+            received = queues[2].recv() => task.on_record(2, received).await,
+            received = queues[3].recv() => task.on_record(3, received).await,
+            _ = tick.tick() => task.on_tick(),
         }
         // Take whatever else is already fetched, up to a batch, without waiting.
         let mut taken = 0;
         'drain: while taken < batch_max {
             let mut any = false;
             for (source, queue) in queues.iter().enumerate() {
-                let Some(queue) = queue else { continue };
                 if let Some(received) = queue.recv().now_or_never() {
                     task.on_record(source, received).await;
                     taken += 1;
@@ -214,21 +193,37 @@ pub(crate) async fn run_task(
                 break 'drain;
             }
         }
-        task.process_ready(&queues).await;
+        task.process_ready().await;
     }
-    // Stop: what was processed is produced; wait for its acknowledgements and store offsets.
+    // Stop: what was processed is produced; wait for its acknowledgements, write the
+    // changelog and note the positions, then give the input partitions back.
     task.flush_batch().await;
     drop(task);
-    drop(queues);
     if let Err(error) = acker.await {
         tracing::error!(partition, %error, "acknowledgement task failed");
     }
+    close_inputs(&shared, partition).await;
+    drop(queues);
 }
 
-async fn recv(queue: &Option<PartitionQueue>) -> Result<BorrowedMessage<'_>, KafkaError> {
-    match queue {
-        Some(queue) => queue.recv().await,
-        None => std::future::pending().await,
+/// Partition `partition` of every lane, at `offsets`.
+fn lane_list(shared: &Shared, partition: i32, offsets: [Offset; LANES]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for (topic, offset) in shared.config.topics.lanes().into_iter().zip(offsets) {
+        // A partition number and an offset of the lanes' own cannot be invalid.
+        let _ = list.add_partition_offset(topic, partition, offset);
+    }
+    list
+}
+
+/// Takes partition `partition` of every lane away from the input reader.
+async fn close_inputs(shared: &Arc<Shared>, partition: i32) {
+    let list = lane_list(shared, partition, [Offset::Invalid; LANES]);
+    let reader = shared.reader.clone();
+    match tokio::task::spawn_blocking(move || reader.incremental_unassign(&list)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(partition, %error, "cannot unassign the input partitions"),
+        Err(error) => tracing::warn!(partition, %error, "cannot unassign the input partitions"),
     }
 }
 
@@ -320,6 +315,61 @@ impl Task {
             ahead: None,
             shared,
         }
+    }
+
+    /// Restores the shard, then opens the partition's inputs where the restored state ends.
+    async fn start(&mut self) -> [PartitionQueue; LANES] {
+        self.restore().await;
+        let mut backoff = RESTORE_BACKOFF_MIN;
+        loop {
+            match self.open_inputs().await {
+                Ok(queues) => return queues,
+                Err(error) => {
+                    tracing::error!(
+                        partition = self.partition,
+                        %error,
+                        retry_in_seconds = backoff.as_secs_f64(),
+                        "cannot open the input partitions: trying again"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RESTORE_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Assigns partition p of every lane to the input reader, each in a queue of its own, from
+    /// the checkpoint's position (the group's committed offset, else `auto.offset.reset`, for a
+    /// lane the checkpoint does not cover).
+    async fn open_inputs(&self) -> anyhow::Result<[PartitionQueue; LANES]> {
+        let shared = &self.shared;
+        let lanes = shared.config.topics.lanes();
+        let mut queues = Vec::with_capacity(LANES);
+        for topic in lanes {
+            // Split before assigning, so no record reaches the reader's main queue.
+            let queue = shared
+                .reader
+                .split_partition_queue(topic, self.partition)
+                .ok_or_else(|| anyhow::anyhow!("cannot split the queue of {topic} [{}]", self.partition))?;
+            queues.push(queue);
+        }
+        let offsets = std::array::from_fn(|lane| self.skip[lane].position.map_or(Offset::Stored, Offset::Offset));
+        let list = lane_list(shared, self.partition, offsets);
+        let reader = shared.reader.clone();
+        let assigned = list.clone();
+        tokio::task::spawn_blocking(move || reader.incremental_assign(&assigned)).await??;
+        // Stored at once, so the lag is known before the first changelog write.
+        let mut known = TopicPartitionList::new();
+        for element in list.elements() {
+            if let Offset::Offset(offset) = element.offset() {
+                let _ = known.add_partition_offset(element.topic(), element.partition(), Offset::Offset(offset));
+            }
+        }
+        if known.count() > 0 {
+            let _ = shared.reader.store_offsets(&known);
+        }
+        tracing::info!(partition = self.partition, ?offsets, "input partitions opened");
+        queues.try_into().map_err(|_| anyhow::anyhow!("one queue per lane"))
     }
 
     /// Rebuilds the shard from the changelog before any input is processed. A failed read is
@@ -557,19 +607,16 @@ impl Task {
     }
 
     /// True when every assigned input has been read to its end and nothing is queued.
-    fn caught_up(&self, queues: &[Option<PartitionQueue>; LANES]) -> bool {
-        (0..LANES).all(|source| queues[source].is_none() || (self.at_eof[source] && self.queued[source].is_empty()))
+    fn caught_up(&self) -> bool {
+        (0..LANES).all(|source| self.at_eof[source] && self.queued[source].is_empty())
     }
 
     /// The queue whose head comes next in event-time order, or `None` when the merge must
     /// wait for a topic that has nothing queued and may still deliver earlier events.
-    fn next_source(&mut self, queues: &[Option<PartitionQueue>; LANES]) -> Option<usize> {
+    fn next_source(&mut self) -> Option<usize> {
         let max_idle = self.shared.config.tasks.max_task_idle;
         let mut best: Option<usize> = None;
-        for (source, queue) in queues.iter().enumerate() {
-            if queue.is_none() {
-                continue;
-            }
+        for source in 0..LANES {
             match self.queued[source].front() {
                 Some(head) => {
                     let better = best.is_none_or(|current| {
@@ -595,7 +642,7 @@ impl Task {
     }
 
     /// Merges, reorders and processes what can go now, then hands the batch to the acker.
-    async fn process_ready(&mut self, queues: &[Option<PartitionQueue>; LANES]) {
+    async fn process_ready(&mut self) {
         let started = Instant::now();
         // Left by the tick: a released reorder buffer, or timers fired on the wall clock.
         let mut processed = !self.ready.is_empty();
@@ -605,7 +652,7 @@ impl Task {
         if !self.changes.is_empty() {
             self.produce_changes().await;
         }
-        while let Some(source) = self.next_source(queues) {
+        while let Some(source) = self.next_source() {
             let Some(Queued { event, origin }) = self.queued[source].pop_front() else {
                 break;
             };
@@ -789,15 +836,15 @@ impl Task {
     }
 
     /// Periodic work: idle flush, idle timers, the stall watchdog, the state-size gauge.
-    fn on_tick(&mut self, queues: &[Option<PartitionQueue>; LANES]) {
+    fn on_tick(&mut self) {
         let settings = self.shared.config.tasks;
         let metrics = &self.shared.metrics;
         metrics
             .state_contacts
             .with_label_values(&[self.partition_label.as_str()])
             .set(i64::try_from(self.processor.shard().len()).unwrap_or(i64::MAX));
-        for (source, queue) in queues.iter().enumerate() {
-            if queue.is_none() || self.at_eof[source] || !self.queued[source].is_empty() {
+        for source in 0..LANES {
+            if self.at_eof[source] || !self.queued[source].is_empty() {
                 continue;
             }
             let topic = self.shared.config.topics.lanes()[source];
@@ -817,7 +864,7 @@ impl Task {
                 );
             }
         }
-        if !self.caught_up(queues) {
+        if !self.caught_up() {
             self.caught_up_since = None;
             return;
         }
@@ -1064,12 +1111,13 @@ impl ChangelogWriter {
                 if let Some(offset) = position {
                     let topic = shared.config.topics.lanes()[source];
                     let _ = list.add_partition_offset(topic, self.partition, Offset::Offset(offset));
-                    shared.consumer.context().stored.stored(topic, self.partition, offset);
+                    shared.positions.finished(topic, self.partition, offset);
                 }
             }
         }
+        // Stored on the reader too: its statistics measure the lag from them.
         if list.count() > 0 {
-            if let Err(error) = shared.consumer.store_offsets(&list) {
+            if let Err(error) = shared.reader.store_offsets(&list) {
                 // After a revocation the partition is no longer ours: benign.
                 tracing::debug!(partition = self.partition, %error, "cannot store offsets");
             }

@@ -396,10 +396,10 @@ pub fn owned_partitions(metrics: &str) -> BTreeSet<u32> {
         .collect()
 }
 
-/// Makes `group` rebalance: a plain consumer joins it (subscribed to `topics`, range assignor),
-/// waits until it is given partitions, and leaves without committing anything. Two
-/// generations later the other members share every partition again. Returns whether it
-/// joined within a minute.
+/// Makes `group` rebalance: a plain consumer joins it (subscribed to `topics` with the
+/// service's assignor, cooperative-sticky), waits until it is given partitions, and leaves
+/// without committing anything. Two generations later the other members share every
+/// partition again. Returns whether it joined within a minute.
 ///
 /// For brokers that drop an expired member without starting a new generation (tansu 0.6.0
 /// does: the survivors' heartbeats keep succeeding and a leader's re-sync in the same
@@ -414,7 +414,7 @@ pub async fn nudge_group(bootstrap: &str, group: &str, topics: &[&str]) -> bool 
             .set("client.id", "group-nudge")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("partition.assignment.strategy", "range")
+            .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "500")
             .create()
