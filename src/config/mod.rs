@@ -227,7 +227,7 @@ impl Config {
         let builtin: toml::Table = DEFAULT_CONFIG_TOML
             .parse()
             .map_err(|error: toml::de::Error| syntax(format!("built-in default: {error}")))?;
-        for (section, value) in builtin {
+        for (section, value) in builtin.clone() {
             match (table.get_mut(&section), value) {
                 (None, value) => {
                     table.insert(section, value);
@@ -259,7 +259,7 @@ impl Config {
         }
         let mut problems = Vec::new();
         for (name, value) in overrides {
-            if let Err(message) = apply_override(&mut table, &name, &value) {
+            if let Err(message) = apply_override(&mut table, &builtin, &name, &value) {
                 problems.push(Problem {
                     location: name,
                     message,
@@ -283,9 +283,91 @@ impl Config {
     }
 }
 
-/// Sets `table[a][b]... = value` from `LIFECYCLE_SCORER__A__B`; the value is read as a TOML
-/// literal (number, boolean, array) when it parses as one, else as a string.
-fn apply_override(table: &mut toml::Table, name: &str, value: &str) -> std::result::Result<(), String> {
+/// Map-typed fields: their keys are free, so the default need not hold the one an override
+/// sets, and their values have the type given here. librdkafka properties are text (a file may
+/// write them as numbers or booleans, which are turned into text).
+const MAP_FIELDS: [(&str, &str, FieldType); 5] = [
+    ("engagement", "weights", FieldType::Number),
+    ("kafka", "properties", FieldType::Text),
+    ("kafka", "consumer_properties", FieldType::Text),
+    ("kafka", "producer_properties", FieldType::Text),
+    ("schemas", "files", FieldType::Text),
+];
+
+/// The type of a configuration field, which decides how an environment override's text is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FieldType {
+    Text,
+    Integer,
+    Number,
+    Boolean,
+    Array,
+    Table,
+}
+
+impl FieldType {
+    /// The type of the field at `path`: for a key of a map-typed field the map's value type,
+    /// else the type of the field's built-in default (`None` when the default leaves it out).
+    fn of(builtin: &toml::Table, path: &[String]) -> Option<FieldType> {
+        if let [section, field, _key] = path {
+            if let Some(&(.., field_type)) = MAP_FIELDS
+                .iter()
+                .find(|(map_section, map_field, _)| map_section == section && map_field == field)
+            {
+                return Some(field_type);
+            }
+        }
+        let (first, rest) = path.split_first()?;
+        let mut default = builtin.get(first)?;
+        for segment in rest {
+            default = default.as_table()?.get(segment)?;
+        }
+        match default {
+            toml::Value::String(_) => Some(FieldType::Text),
+            toml::Value::Integer(_) => Some(FieldType::Integer),
+            toml::Value::Float(_) => Some(FieldType::Number),
+            toml::Value::Boolean(_) => Some(FieldType::Boolean),
+            toml::Value::Array(_) => Some(FieldType::Array),
+            toml::Value::Table(_) => Some(FieldType::Table),
+            toml::Value::Datetime(_) => None,
+        }
+    }
+
+    /// Reads an override's text as this type: text is kept exactly as written, anything else
+    /// must be a TOML literal of the type.
+    fn read(self, text: &str) -> std::result::Result<toml::Value, String> {
+        let (expected, is_expected): (&str, fn(&toml::Value) -> bool) = match self {
+            FieldType::Text => return Ok(toml::Value::String(text.to_owned())),
+            FieldType::Integer => ("an integer", toml::Value::is_integer),
+            FieldType::Number => ("a number", |value| value.is_integer() || value.is_float()),
+            FieldType::Boolean => ("true or false", toml::Value::is_bool),
+            FieldType::Array => ("a TOML array", toml::Value::is_array),
+            FieldType::Table => ("a TOML inline table", toml::Value::is_table),
+        };
+        toml_literal(text)
+            .filter(is_expected)
+            .ok_or_else(|| format!("expected {expected}, got {text:?}"))
+    }
+}
+
+/// `text` as one TOML value (`30`, `1e3`, `true`, `["a", "b"]`), if it is one.
+fn toml_literal(text: &str) -> Option<toml::Value> {
+    let mut literal = format!("v = {text}").parse::<toml::Table>().ok()?;
+    let value = literal.remove("v")?;
+    literal.is_empty().then_some(value)
+}
+
+/// Sets `table[a][b]... = value` from `LIFECYCLE_SCORER__A__B`. The value is read as the field's
+/// type (see [`FieldType::of`]): string fields and librdkafka properties keep the text exactly as
+/// written, numbers and booleans must parse as such. A field the default leaves out (the optional
+/// output schema ids; unknown names, which deserialization then rejects) takes a TOML literal
+/// when the text is one, else the text.
+fn apply_override(
+    table: &mut toml::Table,
+    builtin: &toml::Table,
+    name: &str,
+    value: &str,
+) -> std::result::Result<(), String> {
     let path: Vec<String> = name[ENV_PREFIX.len()..]
         .split("__")
         .map(str::to_ascii_lowercase)
@@ -293,11 +375,10 @@ fn apply_override(table: &mut toml::Table, name: &str, value: &str) -> std::resu
     if path.iter().any(String::is_empty) {
         return Err("empty path segment in environment override".into());
     }
-    let parsed = format!("v = {value}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut literal| literal.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let parsed = match FieldType::of(builtin, &path) {
+        Some(field_type) => field_type.read(value)?,
+        None => toml_literal(value).unwrap_or_else(|| toml::Value::String(value.to_owned())),
+    };
     let (last, parents) = path.split_last().ok_or("empty override path")?;
     let mut current = table;
     for segment in parents {
@@ -851,5 +932,83 @@ rules = [{ on = "purchase:exploded", meta = "Purchase" }, { on = "purchase:*" }]
             consumer["partition.assignment.strategy"], "cooperative-sticky",
             "defaults kept"
         );
+    }
+
+    fn overridden(overrides: &[(&str, &str)]) -> Result<Config> {
+        let overrides = overrides
+            .iter()
+            .map(|(name, value)| (format!("{ENV_PREFIX}{name}"), (*value).to_owned()));
+        Config::from_toml("", "empty", overrides)
+    }
+
+    #[test]
+    fn environment_overrides_of_text_fields_keep_the_text_as_written() {
+        let config = overridden(&[
+            ("KAFKA__CONSUMER_PROPERTIES__SASL.PASSWORD", "1e3"),
+            ("KAFKA__CONSUMER_PROPERTIES__CLIENT.RACK", "007"),
+            ("KAFKA__PRODUCER_PROPERTIES__ENABLE.IDEMPOTENCE", "true"),
+            ("KAFKA__PRODUCER_PROPERTIES__SASL.USERNAME", "\"quoted\""),
+            ("KAFKA__PROPERTIES__SSL.KEY.PASSWORD", " two  words "),
+            ("KAFKA__PROPERTIES__SASL.KERBEROS.KINIT.CMD", "[1, 2]"),
+            ("KAFKA__GROUP_ID", "1e3"),
+            ("KAFKA__CLIENT_ID", "true"),
+            ("SCHEMAS__FILES__4", "007"),
+        ])
+        .unwrap();
+        let kafka = &config.service.kafka;
+        let consumer = &kafka.consumer_properties;
+        assert_eq!(consumer["sasl.password"], "1e3");
+        assert_eq!(consumer["client.rack"], "007");
+        let producer = &kafka.producer_properties;
+        assert_eq!(producer["enable.idempotence"], "true");
+        assert_eq!(producer["sasl.username"], "\"quoted\"");
+        for properties in [consumer, producer] {
+            assert_eq!(properties["ssl.key.password"], " two  words ", "shared ones reach both");
+            assert_eq!(properties["sasl.kerberos.kinit.cmd"], "[1, 2]");
+        }
+        assert_eq!(kafka.group_id, "1e3");
+        assert_eq!(kafka.client_id, "true");
+        assert_eq!(config.service.schemas.files[&4], std::path::PathBuf::from("007"));
+    }
+
+    #[test]
+    fn environment_overrides_of_numbers_and_booleans_are_parsed_or_rejected() {
+        let config = overridden(&[
+            ("SERVICE__BATCH_MAX_RECORDS", "500"),
+            ("SCORING__HORIZON_DAYS", "1e3"),
+            ("SCORING__R", "2"),
+            ("PROCESSING__MERGE_IDENTITIES", "false"),
+            ("ENGAGEMENT__WEIGHTS__CLICKSTREAM:REVIEW", "3"),
+            // Optional fields the default leaves out are still read as TOML literals.
+            ("OUTPUT__FORMAT", "avro"),
+            ("OUTPUT__STAGE_CHANGE_SCHEMA_ID", "101"),
+            ("OUTPUT__CONVERSION_SCHEMA_ID", "102"),
+        ])
+        .unwrap();
+        assert_eq!(config.service.tasks.batch_max_records, 500);
+        assert_eq!(config.engine.scorer.horizon_days, 1000.0);
+        assert_eq!(config.engine.scorer.model.params.r, 2.0);
+        assert!(!config.processing.merge_identities);
+        assert_eq!(config.engine.model.engagement.weights.len(), 8);
+        assert_eq!(config.service.output_schema_ids, Some((101, 102)));
+
+        let error = overridden(&[
+            ("SERVICE__BATCH_MAX_RECORDS", "abc"),
+            ("SERVICE__CHANGELOG_INTERVAL_MS", "1e3"),
+            ("SCORING__HORIZON_DAYS", "\"60\""),
+            ("PROCESSING__MERGE_IDENTITIES", "yes"),
+            ("ENGAGEMENT__WEIGHTS__CLICKSTREAM:REVIEW", "high"),
+        ])
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "LIFECYCLE_SCORER__SERVICE__BATCH_MAX_RECORDS: expected an integer, got \"abc\"",
+            "LIFECYCLE_SCORER__SERVICE__CHANGELOG_INTERVAL_MS: expected an integer, got \"1e3\"",
+            "LIFECYCLE_SCORER__SCORING__HORIZON_DAYS: expected a number, got \"\\\"60\\\"\"",
+            "LIFECYCLE_SCORER__PROCESSING__MERGE_IDENTITIES: expected true or false, got \"yes\"",
+            "LIFECYCLE_SCORER__ENGAGEMENT__WEIGHTS__CLICKSTREAM:REVIEW: expected a number, got \"high\"",
+        ] {
+            assert!(error.contains(expected), "missing `{expected}` in:\n{error}");
+        }
     }
 }
