@@ -18,8 +18,9 @@ use common::service::{
     CHANGELOG, IDENTITY, TOPICS,
 };
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store, shipped_schema};
-use lifecycle_scorer::domain::{ContactEvent, Source};
+use lifecycle_scorer::domain::{ContactEvent, ContactKey, Source};
 use lifecycle_scorer::partition::partition_for;
+use lifecycle_scorer::state::codec::encode_key;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -41,6 +42,19 @@ fn records(events: &[ContactEvent]) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
             )
         })
         .collect()
+}
+
+/// Writes one record to changelog partition 0 (`None`: a tombstone).
+async fn write_changelog(bootstrap: &str, key: &[u8], value: Option<&[u8]>) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(CHANGELOG).key(key).partition(0);
+    if let Some(value) = value {
+        record = record.payload(value);
+    }
+    producer.send(record, Duration::from_secs(10)).await.unwrap();
 }
 
 async fn feed(bootstrap: &str, records: &[(usize, Vec<u8>, Vec<u8>)]) {
@@ -333,10 +347,28 @@ async fn a_restarted_instance_restores_its_state_and_goes_on_as_replay_would() {
     settle(&a, first.len()).await;
     a.stop().await;
 
-    // A new instance: its shards come back from the changelog before it reads on.
+    // A new instance: its shards come back from the changelog before it reads on. One
+    // changelog record is damaged: that partition's restore fails, is counted and tried again
+    // while the instance stays unready, until the record is mended. Starting the partition
+    // empty instead would lose its state and show in the comparison with replay below.
     feed(&bootstrap, second).await;
+    let damaged = encode_key(&ContactKey::contact("damaged-in-transit"));
+    write_changelog(&bootstrap, &damaged, Some(b"\xff not a state")).await;
     let b = RunningService::start(service_config(&bootstrap, "restart", settings)).await;
-    b.wait_ready(Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, metrics) = b.get("/metrics").await;
+        if sum_samples(&metrics, "lifecycle_restore_failures_total", &[]) >= 2.0 {
+            assert_eq!(sum_samples(&metrics, "lifecycle_restoring_partitions", &[]), 1.0);
+            let (ready, _) = b.get("/readyz").await;
+            assert_eq!(ready, 503, "not ready while a partition waits for its restore");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failed restore seen:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    write_changelog(&bootstrap, &damaged, None).await;
+    b.wait_ready(Duration::from_secs(90)).await;
     let metrics = settle(&b, second.len()).await;
     assert!(sum_samples(&metrics, "lifecycle_restored_records_total", &[]) > 0.0);
     assert_eq!(sum_samples(&metrics, "lifecycle_restoring_partitions", &[]), 0.0);
