@@ -197,7 +197,7 @@ impl Metrics {
             processing_latency,
             consumer_lag: gauge_vec(
                 CONSUMER_LAG,
-                "Consumer lag per owned partition, records",
+                "Records between the end of an owned input partition and the position finished there",
                 &["topic", "partition"],
             )?,
             rebalances: counter_vec(REBALANCES, "Consumer group rebalances seen, by kind", &["kind"])?,
