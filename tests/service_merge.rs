@@ -84,7 +84,7 @@ async fn sign_ups_merge_the_visitor_across_partitions_as_replay_does() {
         "{crossing} of {PAIRS} pairs cross partitions"
     );
 
-    // Merging is switched on here (it is off by default: see the configuration file).
+    // Merging is on by default; said here explicitly, for replay's configuration too.
     const MERGE: &str = "[processing]\nlate_event_grace_hours = 24.0\nreorder_window_seconds = 5.0\n\
                          timer_sweep_minutes = 60.0\nmerge_identities = true\n";
     let inputs: Vec<Input> = events.iter().cloned().map(Input::Event).collect();
