@@ -51,6 +51,7 @@ pub struct Processor {
     /// is filed at most once where it counts: under `ContactState::timer_bucket`, at or before
     /// its due bucket. When its due time moves later the entry stays (the sweep re-files it);
     /// when it moves earlier a new entry is filed and the old one becomes stale and is skipped.
+    /// A contact waiting for a merge is not filed until the merge arrives ([`Processor::catch_up`]).
     wheel: BTreeMap<u32, Vec<ContactKey>>,
     /// Highest event time seen: the partition's event-time clock.
     watermark: Timestamp,
@@ -484,10 +485,10 @@ impl Processor {
                     continue; // stale: filed again earlier since
                 }
                 if state.awaiting_merge() {
-                    // Its clock stands still until the merge arrives: look again next bucket.
-                    let target = last.saturating_add(1);
-                    state.timer_bucket = target;
-                    refile.push((target, key));
+                    // Its clock stands still until the merge arrives; `catch_up` fires what it
+                    // missed and files it again then. Out of the wheel meanwhile: looking at it
+                    // again every bucket cost more than the rest of the sweeps together.
+                    state.timer_bucket = 0;
                     continue;
                 }
                 state.timer_bucket = 0;
