@@ -164,7 +164,11 @@ pub(crate) async fn run_task(
         _ = control.recv() => None,
     };
     done_restoring();
-    let Some(queues) = opened else { return };
+    let Some(queues) = opened else {
+        // Stopped while opening its inputs, perhaps once the reader had them.
+        close_inputs(&shared, partition).await;
+        return;
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let batch_max = shared.config.tasks.batch_max_records;
@@ -206,21 +210,25 @@ pub(crate) async fn run_task(
     drop(queues);
 }
 
-/// Partition `partition` of every lane, at `offsets`.
-fn lane_list(shared: &Shared, partition: i32, offsets: [Offset; LANES]) -> TopicPartitionList {
-    let mut list = TopicPartitionList::new();
-    for (topic, offset) in shared.config.topics.lanes().into_iter().zip(offsets) {
-        // A partition number and an offset of the lanes' own cannot be invalid.
-        let _ = list.add_partition_offset(topic, partition, offset);
-    }
-    list
-}
-
-/// Takes partition `partition` of every lane away from the input reader.
+/// Takes partition `partition` of every lane away from the input reader, as far as it has
+/// them.
 async fn close_inputs(shared: &Arc<Shared>, partition: i32) {
-    let list = lane_list(shared, partition, [Offset::Invalid; LANES]);
+    let lanes = shared.config.topics.lanes().map(str::to_owned);
     let reader = shared.reader.clone();
-    match tokio::task::spawn_blocking(move || reader.incremental_unassign(&list)).await {
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut list = TopicPartitionList::new();
+        for element in reader.assignment()?.elements() {
+            if element.partition() == partition && lanes.iter().any(|lane| lane == element.topic()) {
+                list.add_partition(element.topic(), partition);
+            }
+        }
+        if list.count() == 0 {
+            return Ok(());
+        }
+        reader.incremental_unassign(&list)
+    })
+    .await;
+    match closed {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(partition, %error, "cannot unassign the input partitions"),
         Err(error) => tracing::warn!(partition, %error, "cannot unassign the input partitions"),
@@ -353,18 +361,19 @@ impl Task {
                 .ok_or_else(|| anyhow::anyhow!("cannot split the queue of {topic} [{}]", self.partition))?;
             queues.push(queue);
         }
-        let offsets = std::array::from_fn(|lane| self.skip[lane].position.map_or(Offset::Stored, Offset::Offset));
-        let list = lane_list(shared, self.partition, offsets);
-        let reader = shared.reader.clone();
-        let assigned = list.clone();
-        tokio::task::spawn_blocking(move || reader.incremental_assign(&assigned)).await??;
-        // Stored at once, so the lag is known before the first changelog write.
-        let mut known = TopicPartitionList::new();
-        for element in list.elements() {
-            if let Offset::Offset(offset) = element.offset() {
-                let _ = known.add_partition_offset(element.topic(), element.partition(), Offset::Offset(offset));
+        let offsets: [Offset; LANES] =
+            std::array::from_fn(|lane| self.skip[lane].position.map_or(Offset::Stored, Offset::Offset));
+        // `known`: the positions stored at once, so the lag is known before the first
+        // changelog write.
+        let (mut list, mut known) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for (topic, offset) in lanes.into_iter().zip(offsets) {
+            list.add_partition_offset(topic, self.partition, offset)?;
+            if matches!(offset, Offset::Offset(_)) {
+                known.add_partition_offset(topic, self.partition, offset)?;
             }
         }
+        let reader = shared.reader.clone();
+        tokio::task::spawn_blocking(move || reader.incremental_assign(&list)).await??;
         if known.count() > 0 {
             let _ = shared.reader.store_offsets(&known);
         }
