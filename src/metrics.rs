@@ -299,8 +299,9 @@ impl Metrics {
     }
 
     /// Forgets a shard this instance no longer owns: its contacts leave the per-stage gauge,
-    /// and its per-partition series are removed.
-    pub fn forget_shard(&self, shard: &Shard, model: &StageModel, partition: i32) {
+    /// and its per-partition series (the lag of each of `lanes`, the topics it read) are
+    /// removed.
+    pub fn forget_shard(&self, shard: &Shard, model: &StageModel, partition: i32, lanes: &[&str]) {
         for entry in shard.iter() {
             self.contacts
                 .with_label_values(&[model.stage(entry.value().stage).id.as_str()])
@@ -309,6 +310,9 @@ impl Metrics {
         let label = partition.to_string();
         let _ = self.state_contacts.remove_label_values(&[label.as_str()]);
         let _ = self.processing_latency.remove_label_values(&[label.as_str()]);
+        for topic in lanes {
+            let _ = self.consumer_lag.remove_label_values(&[topic, label.as_str()]);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -149,12 +149,18 @@ impl ServiceContext {
         match consumer.commit(list, mode) {
             Ok(()) => true,
             Err(error) => {
-                self.positions.failed(list);
-                self.metrics.commit_failures.inc();
-                tracing::warn!(%error, "offset commit failed");
+                self.commit_failed(list, &error);
                 false
             }
         }
+    }
+
+    /// A commit of `list` failed (at once, or later in the commit callback): counted, and its
+    /// positions go with the next commit.
+    fn commit_failed(&self, list: &TopicPartitionList, error: &KafkaError) {
+        self.positions.failed(list);
+        self.metrics.commit_failures.inc();
+        tracing::warn!(%error, "offset commit failed");
     }
 }
 
@@ -288,9 +294,7 @@ impl ConsumerContext for ServiceContext {
         if let Err(error) = result {
             // Nothing stored since the last commit is not a failure.
             if !matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::NoOffset)) {
-                self.positions.failed(offsets);
-                self.metrics.commit_failures.inc();
-                tracing::warn!(%error, "offset commit failed");
+                self.commit_failed(offsets, &error);
             }
         }
     }

@@ -303,16 +303,12 @@ async fn stop_task(partition: i32, handle: TaskHandle, shards: &OwnedShards, sha
     if let Ok(index) = u32::try_from(partition) {
         shards.remove(index);
     }
-    shared
-        .metrics
-        .forget_shard(&handle.shard, &shared.engine.model, partition);
-    let label = partition.to_string();
-    for topic in shared.config.topics.lanes() {
-        let _ = shared
-            .metrics
-            .consumer_lag
-            .remove_label_values(&[topic, label.as_str()]);
-    }
+    shared.metrics.forget_shard(
+        &handle.shard,
+        &shared.engine.model,
+        partition,
+        &shared.config.topics.lanes(),
+    );
 }
 
 /// Checks that the topics exist and the inputs are co-partitioned; returns their partition

@@ -1059,17 +1059,20 @@ struct ChangelogWriter {
 }
 
 impl ChangelogWriter {
+    /// Sends one record to this partition of the changelog (`None`: a tombstone).
+    async fn send(&self, shared: &Shared, key: &[u8], value: Option<&[u8]>) -> (&'static str, DeliveryFuture) {
+        let delivery = send_to(&shared.producer, self.topic, Some(self.partition), key, value, None).await;
+        (self.topic, delivery)
+    }
+
     /// Writes the pending states and a checkpoint, waits for them, then stores the input
     /// offsets. False when the producer is gone.
     async fn write(&mut self, shared: &Shared, trackers: &Mutex<[OffsetTracker; LANES]>) -> bool {
         if !self.dirty {
             return true;
         }
-        let (checkpoint, positions): (Checkpoint, [Option<i64>; LANES]) = match trackers.lock() {
-            Ok(trackers) => (
-                std::array::from_fn(|source| trackers[source].processed()),
-                std::array::from_fn(|source| trackers[source].position()),
-            ),
+        let checkpoint: Checkpoint = match trackers.lock() {
+            Ok(trackers) => std::array::from_fn(|source| trackers[source].processed()),
             Err(_) => return false,
         };
         let mut value = Vec::new();
@@ -1077,51 +1080,23 @@ impl ChangelogWriter {
         let mut deliveries = Vec::with_capacity(self.pending.len() + 2);
         // Opens the write: should a crash cut it short, the restore knows which inputs the
         // states written after this record reflect (see `restore::Ahead`).
-        let begun = send_to(
-            &shared.producer,
-            self.topic,
-            Some(self.partition),
-            &WRITE_BEGUN_KEY,
-            Some(&value),
-            None,
-        )
-        .await;
-        deliveries.push((self.topic, begun));
-        for (key, value) in std::mem::take(&mut self.pending) {
-            let delivery = send_to(
-                &shared.producer,
-                self.topic,
-                Some(self.partition),
-                &key,
-                value.as_deref(),
-                None,
-            )
-            .await;
-            deliveries.push((self.topic, delivery));
+        deliveries.push(self.send(shared, &WRITE_BEGUN_KEY, Some(&value)).await);
+        for (key, state) in std::mem::take(&mut self.pending) {
+            deliveries.push(self.send(shared, &key, state.as_deref()).await);
         }
-        let delivery = send_to(
-            &shared.producer,
-            self.topic,
-            Some(self.partition),
-            &CHECKPOINT_KEY,
-            Some(&value),
-            None,
-        )
-        .await;
-        deliveries.push((self.topic, delivery));
+        deliveries.push(self.send(shared, &CHECKPOINT_KEY, Some(&value)).await);
         if !deliver(shared, deliveries).await {
             return false;
         }
         self.dirty = false;
         let mut list = TopicPartitionList::new();
-        for (source, position) in positions.into_iter().enumerate() {
-            if position.is_some() && position != self.stored[source] {
-                self.stored[source] = position;
-                if let Some(offset) = position {
-                    let topic = shared.config.topics.lanes()[source];
-                    let _ = list.add_partition_offset(topic, self.partition, Offset::Offset(offset));
-                    shared.positions.finished(topic, self.partition, offset);
-                }
+        for (source, processed) in checkpoint.iter().enumerate() {
+            let Some(offset) = processed.position else { continue };
+            if self.stored[source] != Some(offset) {
+                self.stored[source] = Some(offset);
+                let topic = shared.config.topics.lanes()[source];
+                let _ = list.add_partition_offset(topic, self.partition, Offset::Offset(offset));
+                shared.positions.finished(topic, self.partition, offset);
             }
         }
         // Stored on the reader too: its statistics measure the lag from them.
