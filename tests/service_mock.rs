@@ -374,8 +374,43 @@ async fn a_restarted_instance_restores_its_state_and_goes_on_as_replay_would() {
     assert_eq!(sum_samples(&metrics, "lifecycle_restoring_partitions", &[]), 0.0);
     b.stop().await;
 
+    // A topic that gets no new record keeps its position in the changelog. C reads one more
+    // click and nothing else. The group's committed offsets are then lost (a crash before the
+    // commit, offsets expired while the group was empty; here D joins a group without any,
+    // which the mock cluster's refusal of commits from outside a group leaves as the way to
+    // lose them). D goes on from the changelog's positions, every topic's, and reads nothing
+    // again: were a topic's position missing from C's checkpoint, D would read that topic from
+    // the start and count its records twice.
+    let mut events = events;
+    let mut late = events
+        .iter()
+        .rev()
+        .find(|event| event.source() == Source::Clickstream && event.contact_id.is_some())
+        .unwrap()
+        .clone();
+    late.event_id = "late-click".into();
+    late.occurred_at = events
+        .iter()
+        .map(|event| event.occurred_at)
+        .max()
+        .unwrap()
+        .plus_millis(60_000);
+    feed(&bootstrap, &self::records(std::slice::from_ref(&late))).await;
+    events.push(late);
+    let c = RunningService::start(service_config(&bootstrap, "restart", settings)).await;
+    c.wait_ready(Duration::from_secs(60)).await;
+    settle(&c, 1).await;
+    c.stop().await;
+    let d = RunningService::start(service_config(&bootstrap, "restart-offsets-lost", settings)).await;
+    d.wait_ready(Duration::from_secs(60)).await;
+    // Reading from 0 would take a few milliseconds on the in-process cluster.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (read, metrics) = consumed(&d).await;
+    assert_eq!(read, 0.0, "D read inputs again:\n{metrics}");
+    d.stop().await;
+
     // Together they published exactly what one replay of everything gives: nothing lost,
-    // nothing repeated, nothing contradictory after the restart.
+    // nothing repeated, nothing contradictory after the restarts.
     let (expected, _) = replay_with_partitions(&events, PARTITIONS as u32);
     let published = consume_to_end(&bootstrap, TOPICS[3], Duration::from_secs(20)).await;
     let got = canonical_changes(&published);

@@ -363,13 +363,15 @@ impl Task {
         }
         let offsets: [Offset; LANES] =
             std::array::from_fn(|lane| self.skip[lane].position.map_or(Offset::Stored, Offset::Offset));
-        // `known`: the positions stored at once, so the lag is known before the first
-        // changelog write.
+        // `known`: the checkpoint's positions, stored at once (the lag is known before the
+        // first changelog write) and committed with the group's next commit (not at the first
+        // changelog write, which a topic without new records would not bring).
         let (mut list, mut known) = (TopicPartitionList::new(), TopicPartitionList::new());
         for (topic, offset) in lanes.into_iter().zip(offsets) {
             list.add_partition_offset(topic, self.partition, offset)?;
-            if matches!(offset, Offset::Offset(_)) {
+            if let Offset::Offset(position) = offset {
                 known.add_partition_offset(topic, self.partition, offset)?;
+                shared.positions.finished(topic, self.partition, position);
             }
         }
         let reader = shared.reader.clone();
@@ -424,6 +426,10 @@ impl Task {
         }
         for (anonymous, contact) in restored.handovers {
             self.processor.restore_handover(anonymous.into(), contact.into());
+        }
+        // Positions go on from the checkpoint, also for a topic that gets no new record.
+        if let Ok(mut trackers) = self.trackers.lock() {
+            *trackers = std::array::from_fn(|lane| OffsetTracker::resume(&restored.checkpoint[lane]));
         }
         self.skip = restored.checkpoint;
         if let Some(ahead) = &restored.ahead {

@@ -7,7 +7,8 @@
 //! kill, a node lost), stopped gracefully ([`Instance::terminate`], SIGTERM) and started again.
 //! A [`Cluster`] owns the directory and the instances: dropping it kills whatever still runs,
 //! and when the test is panicking it keeps the directory and prints every instance's log tail
-//! (with `LIFECYCLE_TEST_KEEP_LOGS` set it keeps the directory of a passing test too).
+//! then the failure again (with `LIFECYCLE_TEST_KEEP_LOGS` set it keeps the directory of a
+//! passing test too).
 //!
 //! The helpers at the end measure how far a consumer group has committed its input, tell which
 //! partitions an instance owns, and make a group rebalance ([`nudge_group`]).
@@ -18,6 +19,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -281,6 +283,25 @@ impl Drop for Instance {
     }
 }
 
+/// The last panic's report (location and message). [`Cluster`]'s drop prints it again after
+/// the instances' logs, which would otherwise bury it far above the end of the output.
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+/// Installs, once, a panic hook that keeps the report in [`LAST_PANIC`] and then prints it as
+/// usual.
+fn remember_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let print = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(mut last) = LAST_PANIC.lock() {
+                *last = Some(info.to_string());
+            }
+            print(info);
+        }));
+    });
+}
+
 /// Service instances sharing one directory, broker and consumer group.
 #[derive(Debug)]
 pub struct Cluster {
@@ -293,6 +314,7 @@ impl Cluster {
     /// `names.len()` stopped instances of group `group` on `bootstrap`, all with `settings`
     /// (see [`Instance::new`]).
     pub fn new(names: &[&str], bootstrap: &str, group: &str, settings: &str) -> Cluster {
+        remember_panics();
         let dir = tempfile::Builder::new()
             .prefix("lifecycle-instances-")
             .tempdir()
@@ -342,6 +364,9 @@ impl Drop for Cluster {
                     instance.launches(),
                     instance.log_tail(6 * 1024)
                 );
+            }
+            if let Some(report) = LAST_PANIC.lock().ok().and_then(|mut last| last.take()) {
+                eprintln!("===== the failure (reported above the logs too):\n{report}");
             }
         }
     }
