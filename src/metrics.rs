@@ -54,6 +54,8 @@ pub const RESTORED_RECORDS: &str = "lifecycle_restored_records_total";
 pub const RESTORE_SECONDS: &str = "lifecycle_restore_seconds";
 /// `lifecycle_restore_failures_total`.
 pub const RESTORE_FAILURES: &str = "lifecycle_restore_failures_total";
+/// `lifecycle_handover_waits_total`.
+pub const HANDOVER_WAITS: &str = "lifecycle_handover_waits_total";
 /// `lifecycle_restoring_partitions`.
 pub const RESTORING_PARTITIONS: &str = "lifecycle_restoring_partitions";
 /// `lifecycle_contacts_deleted_total`.
@@ -121,6 +123,9 @@ pub struct Metrics {
     pub restore_seconds: Histogram,
     /// Restore attempts that failed (each is retried with backoff; the partition waits).
     pub restore_failures: IntCounter,
+    /// Assigned partitions that waited for another instance's claim to be released or to
+    /// lapse before restoring.
+    pub handover_waits: IntCounter,
     /// Partitions assigned and still restoring.
     pub restoring_partitions: IntGauge,
     /// Contacts whose state was erased on request.
@@ -251,6 +256,13 @@ impl Metrics {
                 IntCounter::new(
                     RESTORE_FAILURES,
                     "Attempts to restore a partition's shard from the changelog that failed (retried with backoff)",
+                )?,
+            )?,
+            handover_waits: register(
+                &registry,
+                IntCounter::new(
+                    HANDOVER_WAITS,
+                    "Assigned partitions that waited for another instance to release them (or for its claim to lapse) before restoring",
                 )?,
             )?,
             restoring_partitions: register(

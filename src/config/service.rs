@@ -117,6 +117,7 @@ pub(super) struct RawService {
     batch_max_records: usize,
     shutdown_timeout_seconds: f64,
     changelog_interval_ms: u64,
+    ownership_lease_ms: u64,
 }
 
 /// How one input topic's records are encoded.
@@ -255,6 +256,9 @@ pub struct TaskSettings {
     pub shutdown_timeout: Duration,
     /// How often changed states are written to the changelog (coalesced) and offsets stored.
     pub changelog_interval: Duration,
+    /// How long a partition's claim holds without renewal: a newly assigned partition waits
+    /// for its previous owner's release, at most this long after that owner's last renewal.
+    pub ownership_lease: Duration,
 }
 
 /// Everything `run` needs beyond the core.
@@ -534,6 +538,12 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
     if service.batch_max_records == 0 {
         problems.push("service.batch_max_records", "must be at least 1");
     }
+    if service.ownership_lease_ms < 1000 {
+        problems.push(
+            "service.ownership_lease_ms",
+            "must be at least 1000 (claims are renewed every quarter of it)",
+        );
+    }
     let tasks = TaskSettings {
         max_task_idle: Duration::from_millis(service.max_task_idle_ms),
         idle_flush: Duration::from_millis(service.idle_flush_ms),
@@ -546,6 +556,7 @@ pub(super) fn validate_service(raw: RawServiceSections, problems: &mut Problems)
             service.shutdown_timeout_seconds,
         ),
         changelog_interval: Duration::from_millis(service.changelog_interval_ms),
+        ownership_lease: Duration::from_millis(service.ownership_lease_ms),
     };
 
     ServiceConfig {

@@ -106,10 +106,10 @@ pub async fn run_with_metrics(
         .subscribe(&[service.topics.changelog.as_str()])
         .context("cannot subscribe to the changelog topic")?;
 
-    let directory = Arc::new(owners::InstanceDirectory::new(advertised_url(
-        &service.advertised_url,
-        listener.local_addr()?,
-    )));
+    let directory = Arc::new(owners::InstanceDirectory::new(
+        advertised_url(&service.advertised_url, listener.local_addr()?),
+        launch_token((options.now)()),
+    ));
     let following = tokio::spawn(owners::follow(
         kafka::reader_config(&service.kafka),
         service.topics.instances.clone(),
@@ -157,6 +157,7 @@ pub async fn run_with_metrics(
         partitions,
         restoring: std::sync::atomic::AtomicUsize::new(0),
         restore_slots: tokio::sync::Semaphore::new(task::RESTORE_CONCURRENCY),
+        owners: directory.clone(),
         now: options.now,
     });
     tracing::info!(
@@ -171,6 +172,19 @@ pub async fn run_with_metrics(
     let mut readiness = tokio::time::interval(Duration::from_millis(250));
     let commit_interval = kafka::commit_interval(&service.kafka);
     let mut last_commit = std::time::Instant::now();
+    // Claims on the instances topic: announced on assignment, renewed, released once drained
+    // (queued in this order from this loop alone, see `owners`).
+    let announce = |partitions: &[i32], released: bool| {
+        tokio::spawn(owners::announce(
+            &producer,
+            &service.topics.instances,
+            &directory,
+            partitions,
+            released,
+        ));
+    };
+    let mut renewal = tokio::time::interval(service.tasks.ownership_lease / 4);
+    renewal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -178,24 +192,27 @@ pub async fn run_with_metrics(
             event = group_events.recv() => match event {
                 Some(GroupEvent::Assigned(partitions)) => {
                     let started = assign(&shared, &shards, &mut tasks, partitions);
-                    let (producer, topic, directory) =
-                        (producer.clone(), service.topics.instances.clone(), directory.clone());
-                    tokio::spawn(async move {
-                        owners::announce(&producer, &topic, directory.own_url(), &started).await;
-                    });
+                    announce(&started, false);
                     assigned_once = true;
                 }
                 Some(GroupEvent::Revoking(partitions, done)) => {
                     ready.store(false, Ordering::Relaxed);
+                    let mut drained = Vec::with_capacity(partitions.len());
                     for partition in partitions {
                         if let Some(handle) = tasks.remove(&partition) {
                             stop_task(partition, handle, &shards, &shared).await;
+                            drained.push(partition);
                         }
                     }
+                    announce(&drained, true);
                     let _ = done.send(());
                 }
                 None => break,
             },
+            _ = renewal.tick() => {
+                let held: Vec<i32> = tasks.keys().copied().collect();
+                announce(&held, false);
+            }
             _ = readiness.tick() => {}
         }
         if last_commit.elapsed() >= commit_interval {
@@ -218,9 +235,13 @@ pub async fn run_with_metrics(
     metrics.ready.set(0);
     let bound = service.tasks.shutdown_timeout;
     let drained = tokio::time::timeout(bound, async {
+        let mut released = Vec::with_capacity(tasks.len());
         for (partition, handle) in std::mem::take(&mut tasks) {
             stop_task(partition, handle, &shards, &shared).await;
+            released.push(partition);
         }
+        // Delivered by the flush below.
+        announce(&released, true);
         let committing = consumer.clone();
         let _ = tokio::task::spawn_blocking(move || kafka::commit_all(&committing)).await;
     })
@@ -248,6 +269,18 @@ pub async fn run_with_metrics(
     }
     tracing::info!("stopped");
     Ok(metrics)
+}
+
+/// A token unique to this launch of the service (process, start time, launch within the
+/// process), naming its claims.
+fn launch_token(started: Timestamp) -> String {
+    static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        started.millis(),
+        LAUNCHES.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The configured advertised URL, else `http://<host name or listen address>:<port>`.

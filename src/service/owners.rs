@@ -1,18 +1,32 @@
-//! Which instance owns a partition, for queries about contacts held elsewhere.
+//! Which instance owns a partition: for queries about contacts held elsewhere, and for the
+//! hand-over of a partition from one owner to the next.
 //!
-//! Every instance announces the input partitions it is assigned, with its advertised HTTP
-//! address, on a small compacted topic (`topics.instances`, keyed by partition), and follows that
-//! topic from the beginning, keeping the latest owner of each partition. The group's own
-//! description (DescribeGroups) would say the same, but not every Kafka-compatible broker
-//! implements it; a topic works on all of them.
+//! Every instance announces the input partitions it holds, with its advertised HTTP address
+//! and a token of its own launch, on a small compacted topic (`topics.instances`, keyed by
+//! partition): when it is assigned them, again every quarter of `service.ownership_lease_ms`
+//! while it holds them, and once more as released when it has drained them. Every instance
+//! follows that topic from the beginning. The group's own description (DescribeGroups) would
+//! say who owns what, but not every Kafka-compatible broker implements it; a topic works on all
+//! of them.
+//!
+//! The hand-over: a newly assigned partition is restored only once no other launch holds it,
+//! that is once every other claim on it is released or has not been renewed for the lease. A
+//! group coordinator never assigns a partition to two live members at once, but one that does
+//! not wait for every member to rejoin before it answers (tansu 0.6.0) hands the leader stale
+//! subscriptions, and the cooperative assignor then gives a partition to a new member while
+//! its owner still processes it; two owners writing one changelog partition corrupt its state.
+//! The lease also covers an owner that keeps running after the group dropped it (a long pause)
+//! for as long as it renews; one that stays silent for the lease is taken for gone.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -23,22 +37,48 @@ use crate::http::OwnerDirectory;
 /// One announcement: the value of a record keyed by the partition number.
 #[derive(Debug, Serialize, Deserialize)]
 struct Announcement {
-    /// The owning instance's advertised base URL.
+    /// The announcing instance's advertised base URL.
     owner: String,
+    /// Its launch (empty from versions without hand-over).
+    #[serde(default)]
+    holder: String,
+    /// Drained and given up; otherwise held.
+    #[serde(default)]
+    released: bool,
 }
 
-/// The owners seen on the instances topic, and this instance's own address.
+/// The latest announcement of one launch about one partition.
+#[derive(Clone, Debug)]
+struct Claim {
+    owner: String,
+    released: bool,
+    /// When it was announced (the record's timestamp), milliseconds since the epoch.
+    at_millis: Option<i64>,
+    /// Its place among the announcements about the partition: the highest is the latest.
+    sequence: u64,
+}
+
+/// The claims seen on the instances topic, and this launch's own address and token.
 #[derive(Debug)]
 pub(crate) struct InstanceDirectory {
     own_url: String,
-    owners: RwLock<BTreeMap<u32, String>>,
+    holder: String,
+    /// Per partition, per launch.
+    claims: RwLock<BTreeMap<u32, BTreeMap<String, Claim>>>,
+    /// The topic was read to its end once: before that a claim may be unseen.
+    caught_up: AtomicBool,
+    sequence: std::sync::atomic::AtomicU64,
 }
 
 impl InstanceDirectory {
-    pub(crate) fn new(own_url: String) -> Self {
+    /// `holder` must be unique to this launch of the process.
+    pub(crate) fn new(own_url: String, holder: String) -> Self {
         InstanceDirectory {
             own_url,
-            owners: RwLock::new(BTreeMap::new()),
+            holder,
+            claims: RwLock::new(BTreeMap::new()),
+            caught_up: AtomicBool::new(false),
+            sequence: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -47,54 +87,133 @@ impl InstanceDirectory {
         &self.own_url
     }
 
-    fn record(&self, partition: u32, owner: String) {
-        if let Ok(mut owners) = self.owners.write() {
-            owners.insert(partition, owner);
+    fn record(&self, partition: u32, announcement: Announcement, at_millis: Option<i64>) {
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut claims) = self.claims.write() {
+            let claims = claims.entry(partition).or_default();
+            claims.insert(
+                announcement.holder,
+                Claim {
+                    owner: announcement.owner,
+                    released: announcement.released,
+                    at_millis,
+                    sequence,
+                },
+            );
+            // Launches long gone: kept as long as they may matter to the HTTP answer.
+            if claims.len() > MAX_CLAIMS_PER_PARTITION {
+                if let Some(oldest) = claims
+                    .iter()
+                    .min_by_key(|(_, claim)| claim.sequence)
+                    .map(|(holder, _)| holder.clone())
+                {
+                    claims.remove(&oldest);
+                }
+            }
         }
     }
+
+    fn set_caught_up(&self) {
+        self.caught_up.store(true, Ordering::Release);
+    }
+
+    /// Another launch that may still hold `partition` at `now_millis` (its address), given the
+    /// lease: one whose latest claim is not released and was renewed within the lease. Also
+    /// "someone" while the instances topic has not been read to its end yet.
+    pub(crate) fn held_elsewhere(&self, partition: u32, now_millis: i64, lease: Duration) -> Option<String> {
+        if !self.caught_up.load(Ordering::Acquire) {
+            return Some("(the instances topic is not read yet)".to_owned());
+        }
+        let lease = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let claims = self.claims.read().ok()?;
+        claims
+            .get(&partition)?
+            .iter()
+            .filter(|(holder, claim)| {
+                **holder != self.holder
+                    && !claim.released
+                    && claim.at_millis.is_some_and(|at| now_millis.saturating_sub(at) < lease)
+            })
+            .max_by_key(|(_, claim)| claim.sequence)
+            .map(|(_, claim)| claim.owner.clone())
+    }
 }
+
+/// Launches remembered per partition.
+const MAX_CLAIMS_PER_PARTITION: usize = 16;
 
 impl OwnerDirectory for InstanceDirectory {
     fn owner(&self, partition: u32) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
         let owner = self
-            .owners
+            .claims
             .read()
             .ok()
-            .and_then(|owners| owners.get(&partition).cloned())
+            .and_then(|claims| {
+                claims
+                    .get(&partition)?
+                    .values()
+                    .max_by_key(|claim| claim.sequence)
+                    .filter(|claim| !claim.released)
+                    .map(|claim| claim.owner.clone())
+            })
             // Still ourselves: revoked, and the next owner has not announced yet.
             .filter(|owner| *owner != self.own_url);
         Box::pin(std::future::ready(owner))
     }
 }
 
-/// Announces that this instance now owns `partitions`.
-pub(crate) async fn announce(producer: &FutureProducer, topic: &str, own_url: &str, partitions: &[i32]) {
+/// Announces that this launch holds `partitions` (or, `released`, has given them up). The
+/// records are queued at once, in call order, so a release never overtakes an earlier claim;
+/// the returned future waits for their delivery and logs failures.
+pub(crate) fn announce(
+    producer: &FutureProducer,
+    topic: &str,
+    directory: &InstanceDirectory,
+    partitions: &[i32],
+    released: bool,
+) -> impl Future<Output = ()> + Send + 'static {
     let value = serde_json::to_vec(&Announcement {
-        owner: own_url.to_owned(),
+        owner: directory.own_url.clone(),
+        holder: directory.holder.clone(),
+        released,
     })
     .unwrap_or_default();
+    let mut deliveries = Vec::with_capacity(partitions.len());
     for partition in partitions {
         let key = partition.to_string();
-        let record = FutureRecord::to(topic).key(&key).payload(&value);
-        match producer.send(record, Duration::from_secs(10)).await {
-            Ok(_) => {}
+        match producer.send_result(FutureRecord::to(topic).key(&key).payload(&value)) {
+            Ok(delivery) => deliveries.push((*partition, delivery)),
             Err((error, _)) => tracing::warn!(topic, partition, %error, "cannot announce a partition's owner"),
+        }
+    }
+    let topic = topic.to_owned();
+    async move {
+        for (partition, delivery) in deliveries {
+            let error = match delivery.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((error, _))) => error.to_string(),
+                Err(_) => "the producer is gone".to_owned(),
+            };
+            tracing::warn!(topic, partition, error, "cannot announce a partition's owner");
         }
     }
 }
 
 /// Follows the instances topic from its beginning until the task is dropped, recording every
-/// announcement in `directory`. `config` is the consumer's client configuration (TLS, SASL).
+/// announcement in `directory`, which counts as caught up once every partition of the topic
+/// was read to its end. `config` is the consumer's client configuration (TLS, SASL).
 pub(crate) async fn follow(mut config: ClientConfig, topic: String, directory: Arc<InstanceDirectory>) {
     config
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
+        .set("enable.partition.eof", "true")
         .set("statistics.interval.ms", "0")
         .set("auto.offset.reset", "earliest");
     let consumer: StreamConsumer = match config.create() {
         Ok(consumer) => consumer,
         Err(error) => {
-            tracing::error!(%error, "cannot follow the instances topic");
+            // The other clients share this configuration: the service fails on its own.
+            tracing::error!(%error, "cannot follow the instances topic: partitions are taken over unchecked");
+            directory.set_caught_up();
             return;
         }
     };
@@ -110,9 +229,11 @@ pub(crate) async fn follow(mut config: ClientConfig, topic: String, directory: A
         let _ = assignment.add_partition_offset(&topic, partition as i32, Offset::Beginning);
     }
     if let Err(error) = consumer.assign(&assignment) {
-        tracing::error!(%error, "cannot follow the instances topic");
+        tracing::error!(%error, "cannot follow the instances topic: partitions are taken over unchecked");
+        directory.set_caught_up();
         return;
     }
+    let mut at_end = std::collections::BTreeSet::new();
     loop {
         match consumer.recv().await {
             Ok(message) => {
@@ -124,7 +245,13 @@ pub(crate) async fn follow(mut config: ClientConfig, topic: String, directory: A
                     .payload()
                     .and_then(|payload| serde_json::from_slice::<Announcement>(payload).ok());
                 if let (Some(partition), Some(announcement)) = (partition, announcement) {
-                    directory.record(partition, announcement.owner);
+                    directory.record(partition, announcement, message.timestamp().to_millis());
+                }
+            }
+            Err(KafkaError::PartitionEOF(partition)) => {
+                at_end.insert(partition);
+                if at_end.len() >= partitions {
+                    directory.set_caught_up();
                 }
             }
             Err(error) => {
@@ -139,16 +266,74 @@ pub(crate) async fn follow(mut config: ClientConfig, topic: String, directory: A
 mod tests {
     use super::*;
 
+    const LEASE: Duration = Duration::from_secs(5);
+
+    fn claim(owner: &str, holder: &str, released: bool) -> Announcement {
+        Announcement {
+            owner: owner.into(),
+            holder: holder.into(),
+            released,
+        }
+    }
+
+    fn directory() -> InstanceDirectory {
+        let directory = InstanceDirectory::new("http://me:8080".into(), "me-1".into());
+        directory.set_caught_up();
+        directory
+    }
+
     #[test]
-    fn the_latest_announcement_wins_and_our_own_is_not_an_answer() {
-        let directory = InstanceDirectory::new("http://me:8080".into());
-        directory.record(3, "http://other:8080".into());
+    fn the_latest_claim_wins_and_our_own_or_a_released_one_is_not_an_answer() {
+        let directory = directory();
         let owner = |partition| futures_util::FutureExt::now_or_never(directory.owner(partition)).flatten();
+        directory.record(3, claim("http://other:8080", "other-1", false), Some(0));
         assert_eq!(owner(3).as_deref(), Some("http://other:8080"));
-        directory.record(3, "http://third:8080".into());
+        directory.record(3, claim("http://third:8080", "third-1", false), Some(0));
         assert_eq!(owner(3).as_deref(), Some("http://third:8080"));
-        directory.record(3, "http://me:8080".into());
+        directory.record(3, claim("http://me:8080", "me-1", false), Some(0));
         assert_eq!(owner(3), None, "revoked from us, next owner unknown yet");
-        assert_eq!(owner(4), None);
+        directory.record(4, claim("http://other:8080", "other-1", true), Some(0));
+        assert_eq!(owner(4), None, "released, next owner unknown yet");
+        assert_eq!(owner(5), None);
+    }
+
+    #[test]
+    fn a_partition_is_held_elsewhere_until_released_or_the_lease_runs_out() {
+        let directory = directory();
+        let held = |now| directory.held_elsewhere(3, now, LEASE);
+        assert_eq!(held(1_000), None, "never claimed");
+        directory.record(3, claim("http://other:8080", "other-1", false), Some(1_000));
+        // Our own claim, announced later, does not hide the other one.
+        directory.record(3, claim("http://me:8080", "me-1", false), Some(1_500));
+        assert_eq!(held(2_000).as_deref(), Some("http://other:8080"));
+        assert_eq!(held(5_999).as_deref(), Some("http://other:8080"));
+        assert_eq!(held(6_000), None, "not renewed for the lease: gone");
+        // Renewed, then released.
+        directory.record(3, claim("http://other:8080", "other-1", false), Some(6_500));
+        assert_eq!(held(7_000).as_deref(), Some("http://other:8080"));
+        directory.record(3, claim("http://other:8080", "other-1", true), Some(7_100));
+        assert_eq!(held(7_200), None);
+        // A claim without a timestamp cannot be judged fresh.
+        directory.record(4, claim("http://other:8080", "other-2", false), None);
+        assert_eq!(directory.held_elsewhere(4, 0, LEASE), None);
+    }
+
+    #[test]
+    fn nothing_is_free_before_the_topic_is_read_to_its_end() {
+        let directory = InstanceDirectory::new("http://me:8080".into(), "me-1".into());
+        assert!(directory.held_elsewhere(3, 0, LEASE).is_some());
+        directory.set_caught_up();
+        assert_eq!(directory.held_elsewhere(3, 0, LEASE), None);
+    }
+
+    #[test]
+    fn old_launches_are_forgotten_beyond_a_bound() {
+        let directory = directory();
+        for launch in 0..100 {
+            directory.record(3, claim("http://other:8080", &format!("other-{launch}"), true), Some(0));
+        }
+        let claims = directory.claims.read().unwrap();
+        assert_eq!(claims[&3].len(), MAX_CLAIMS_PER_PARTITION);
+        assert!(claims[&3].contains_key("other-99"));
     }
 }

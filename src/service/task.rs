@@ -50,6 +50,8 @@ pub(crate) const RESTORE_CONCURRENCY: usize = 4;
 /// First and longest wait before a failed restore is tried again.
 const RESTORE_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const RESTORE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often a partition waiting for its previous owner looks again.
+const HANDOVER_POLL: Duration = Duration::from_millis(100);
 
 /// The lane of the identity topic (after the inputs, by `Source::index`).
 const IDENTITY_LANE: usize = LANES - 1;
@@ -75,6 +77,8 @@ pub(crate) struct Shared {
     pub(crate) restoring: std::sync::atomic::AtomicUsize,
     /// Restores that may run at once ([`RESTORE_CONCURRENCY`]).
     pub(crate) restore_slots: tokio::sync::Semaphore,
+    /// Who holds which partition: a new task waits for its previous owner's release.
+    pub(crate) owners: Arc<super::owners::InstanceDirectory>,
     /// The wall clock (edge): conversion staleness, idle timers, latency.
     pub(crate) now: fn() -> Timestamp,
 }
@@ -325,8 +329,10 @@ impl Task {
         }
     }
 
-    /// Restores the shard, then opens the partition's inputs where the restored state ends.
+    /// Waits until no other instance holds the partition, restores the shard, then opens the
+    /// partition's inputs where the restored state ends.
     async fn start(&mut self) -> [PartitionQueue; LANES] {
+        self.await_handover().await;
         self.restore().await;
         let mut backoff = RESTORE_BACKOFF_MIN;
         loop {
@@ -343,6 +349,41 @@ impl Task {
                     backoff = (backoff * 2).min(RESTORE_BACKOFF_MAX);
                 }
             }
+        }
+    }
+
+    /// Waits while another instance may still hold the partition (see `owners`): its claim
+    /// is neither released nor older than the lease. The partition counts as restoring
+    /// meanwhile; the wait is logged, counted, and logged again every half minute.
+    async fn await_handover(&self) {
+        let shared = &self.shared;
+        let Ok(index) = u32::try_from(self.partition) else {
+            return;
+        };
+        let lease = shared.config.tasks.ownership_lease;
+        let started = Instant::now();
+        let mut logged: Option<Instant> = None;
+        while let Some(holder) = shared.owners.held_elsewhere(index, (shared.now)().millis(), lease) {
+            if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
+                if logged.is_none() {
+                    shared.metrics.handover_waits.inc();
+                }
+                tracing::info!(
+                    partition = self.partition,
+                    holder,
+                    waited_seconds = started.elapsed().as_secs_f64(),
+                    "waiting for the partition's previous owner to release it"
+                );
+                logged = Some(Instant::now());
+            }
+            tokio::time::sleep(HANDOVER_POLL).await;
+        }
+        if logged.is_some() {
+            tracing::info!(
+                partition = self.partition,
+                waited_seconds = started.elapsed().as_secs_f64(),
+                "no other instance holds the partition any more"
+            );
         }
     }
 
