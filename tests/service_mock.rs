@@ -1,8 +1,9 @@
 //! The service on librdkafka's in-process mock cluster: two instances share the partitions of
 //! one group and name each other as the owners of contacts they do not hold; when one stops
-//! gracefully the other takes its partitions over from the committed offsets: every record is
-//! processed, none lost. Writer schemas come from a schema
-//! registry.
+//! gracefully the other takes its partitions over where the changelog says: every record is
+//! processed, none lost. A restarted instance restores its state, also when the group's
+//! committed offsets are lost. A partition another instance still claims waits for the
+//! release, or for the claim to lapse. Writer schemas come from a schema registry.
 
 #![allow(clippy::unwrap_used)]
 
@@ -416,4 +417,67 @@ async fn a_restarted_instance_restores_its_state_and_goes_on_as_replay_would() {
     let got = canonical_changes(&published);
     assert_eq!(got.len(), expected.len(), "as many stage changes as replay");
     assert!(got == expected, "the stage changes differ from replay's");
+}
+
+/// Writes to the instances topic what another instance's launch `holder` announces about
+/// `partition`: that it holds it, or (`released`) that it has let it go.
+async fn announce_elsewhere(bootstrap: &str, partition: u32, holder: &str, released: bool) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let value =
+        serde_json::json!({"owner": "http://elsewhere:8080", "holder": holder, "released": released}).to_string();
+    let key = partition.to_string();
+    let record = FutureRecord::to(TOPICS[6]).key(&key).payload(&value);
+    producer.send(record, Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_another_instance_holds_waits_for_its_release_or_its_lease() {
+    let cluster = MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    for topic in TOPICS.into_iter().chain([CHANGELOG, IDENTITY]) {
+        cluster.create_topic(topic, PARTITIONS, 1).unwrap();
+    }
+    const LEASE_MS: u64 = 3000;
+    let settings = format!("[service]\nidle_timers = false\nownership_lease_ms = {LEASE_MS}\n");
+    // Partition 0 is held by an instance that goes on renewing its claim, partition 1 by one
+    // that stopped renewing (crashed) just before this instance starts.
+    announce_elsewhere(&bootstrap, 1, "crashed", false).await;
+    announce_elsewhere(&bootstrap, 0, "live", false).await;
+    let service = RunningService::start(service_config(&bootstrap, "handover-wait", &settings)).await;
+    let renew = || announce_elsewhere(&bootstrap, 0, "live", false);
+
+    // Assigned every partition, it waits for partition 0.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        renew().await;
+        let (_, metrics) = service.get("/metrics").await;
+        if sum_samples(&metrics, "lifecycle_handover_waits_total", &[]) >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no wait for partition 0:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Longer than the lease: the renewed claim keeps it waiting, the lapsed one does not.
+    let until = Instant::now() + Duration::from_millis(LEASE_MS + 1500);
+    while Instant::now() < until {
+        renew().await;
+        let (ready, _) = service.get("/readyz").await;
+        assert_eq!(ready, 503, "ready while another instance holds partition 0");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (_, metrics) = service.get("/metrics").await;
+    assert_eq!(
+        sum_samples(&metrics, "lifecycle_restoring_partitions", &[]),
+        1.0,
+        "only partition 0 waits:\n{metrics}"
+    );
+    // Released: taken over at once, well before the last renewal would lapse.
+    announce_elsewhere(&bootstrap, 0, "live", true).await;
+    let released = Instant::now();
+    service.wait_ready(Duration::from_millis(LEASE_MS * 2 / 3)).await;
+    eprintln!("ready {:.2} s after the release", released.elapsed().as_secs_f64());
+    service.stop().await;
 }
