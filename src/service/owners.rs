@@ -23,7 +23,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -52,8 +52,9 @@ struct Announcement {
 struct Claim {
     owner: String,
     released: bool,
-    /// When it was announced (the record's timestamp), milliseconds since the epoch.
-    at_millis: Option<i64>,
+    /// When this instance read it. Not the record's timestamp: that is another machine's
+    /// clock, and brokers differ in what they return for records of a compressed batch.
+    seen: Instant,
     /// Its place among the announcements about the partition: the highest is the latest.
     sequence: u64,
 }
@@ -87,7 +88,7 @@ impl InstanceDirectory {
         &self.own_url
     }
 
-    fn record(&self, partition: u32, announcement: Announcement, at_millis: Option<i64>) {
+    fn record(&self, partition: u32, announcement: Announcement, seen: Instant) {
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut claims) = self.claims.write() {
             let claims = claims.entry(partition).or_default();
@@ -96,7 +97,7 @@ impl InstanceDirectory {
                 Claim {
                     owner: announcement.owner,
                     released: announcement.released,
-                    at_millis,
+                    seen,
                     sequence,
                 },
             );
@@ -117,26 +118,40 @@ impl InstanceDirectory {
         self.caught_up.store(true, Ordering::Release);
     }
 
-    /// Another launch that may still hold `partition` at `now_millis` (its address), given the
-    /// lease: one whose latest claim is not released and was renewed within the lease. Also
-    /// "someone" while the instances topic has not been read to its end yet.
-    pub(crate) fn held_elsewhere(&self, partition: u32, now_millis: i64, lease: Duration) -> Option<String> {
+    /// Whether another launch may still hold `partition` at `now`, given the lease: one whose
+    /// latest claim is not released and was read within the lease. A claim read while the
+    /// topic is caught up on counts from then, so a launch that crashed is waited for a lease
+    /// after this instance started at most.
+    pub(crate) fn holder(&self, partition: u32, now: Instant, lease: Duration) -> Holder {
         if !self.caught_up.load(Ordering::Acquire) {
-            return Some("(the instances topic is not read yet)".to_owned());
+            return Holder::Unknown;
         }
-        let lease = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        let claims = self.claims.read().ok()?;
+        let Ok(claims) = self.claims.read() else {
+            return Holder::Unknown;
+        };
         claims
-            .get(&partition)?
-            .iter()
-            .filter(|(holder, claim)| {
-                **holder != self.holder
-                    && !claim.released
-                    && claim.at_millis.is_some_and(|at| now_millis.saturating_sub(at) < lease)
+            .get(&partition)
+            .and_then(|claims| {
+                claims
+                    .iter()
+                    .filter(|(holder, claim)| {
+                        **holder != self.holder && !claim.released && now.saturating_duration_since(claim.seen) < lease
+                    })
+                    .max_by_key(|(_, claim)| claim.sequence)
             })
-            .max_by_key(|(_, claim)| claim.sequence)
-            .map(|(_, claim)| claim.owner.clone())
+            .map_or(Holder::Free, |(_, claim)| Holder::Other(claim.owner.clone()))
     }
+}
+
+/// Who may hold a partition, for a new owner ([`InstanceDirectory::holder`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// No other launch: the partition may be restored.
+    Free,
+    /// Another launch, at this address.
+    Other(String),
+    /// Not known yet: the instances topic is not read to its end.
+    Unknown,
 }
 
 /// Launches remembered per partition.
@@ -245,7 +260,7 @@ pub(crate) async fn follow(mut config: ClientConfig, topic: String, directory: A
                     .payload()
                     .and_then(|payload| serde_json::from_slice::<Announcement>(payload).ok());
                 if let (Some(partition), Some(announcement)) = (partition, announcement) {
-                    directory.record(partition, announcement, message.timestamp().to_millis());
+                    directory.record(partition, announcement, Instant::now());
                 }
             }
             Err(KafkaError::PartitionEOF(partition)) => {
@@ -282,17 +297,22 @@ mod tests {
         directory
     }
 
+    fn after(start: Instant, millis: u64) -> Instant {
+        start + Duration::from_millis(millis)
+    }
+
     #[test]
     fn the_latest_claim_wins_and_our_own_or_a_released_one_is_not_an_answer() {
         let directory = directory();
+        let now = Instant::now();
         let owner = |partition| futures_util::FutureExt::now_or_never(directory.owner(partition)).flatten();
-        directory.record(3, claim("http://other:8080", "other-1", false), Some(0));
+        directory.record(3, claim("http://other:8080", "other-1", false), now);
         assert_eq!(owner(3).as_deref(), Some("http://other:8080"));
-        directory.record(3, claim("http://third:8080", "third-1", false), Some(0));
+        directory.record(3, claim("http://third:8080", "third-1", false), now);
         assert_eq!(owner(3).as_deref(), Some("http://third:8080"));
-        directory.record(3, claim("http://me:8080", "me-1", false), Some(0));
+        directory.record(3, claim("http://me:8080", "me-1", false), now);
         assert_eq!(owner(3), None, "revoked from us, next owner unknown yet");
-        directory.record(4, claim("http://other:8080", "other-1", true), Some(0));
+        directory.record(4, claim("http://other:8080", "other-1", true), now);
         assert_eq!(owner(4), None, "released, next owner unknown yet");
         assert_eq!(owner(5), None);
     }
@@ -300,37 +320,41 @@ mod tests {
     #[test]
     fn a_partition_is_held_elsewhere_until_released_or_the_lease_runs_out() {
         let directory = directory();
-        let held = |now| directory.held_elsewhere(3, now, LEASE);
-        assert_eq!(held(1_000), None, "never claimed");
-        directory.record(3, claim("http://other:8080", "other-1", false), Some(1_000));
-        // Our own claim, announced later, does not hide the other one.
-        directory.record(3, claim("http://me:8080", "me-1", false), Some(1_500));
-        assert_eq!(held(2_000).as_deref(), Some("http://other:8080"));
-        assert_eq!(held(5_999).as_deref(), Some("http://other:8080"));
-        assert_eq!(held(6_000), None, "not renewed for the lease: gone");
+        let start = Instant::now();
+        let holder = |millis| directory.holder(3, after(start, millis), LEASE);
+        let other = Holder::Other("http://other:8080".into());
+        assert_eq!(holder(0), Holder::Free, "never claimed");
+        directory.record(3, claim("http://other:8080", "other-1", false), after(start, 1_000));
+        // Our own claim, read later, does not hide the other one.
+        directory.record(3, claim("http://me:8080", "me-1", false), after(start, 1_500));
+        assert_eq!(holder(2_000), other);
+        assert_eq!(holder(5_999), other);
+        assert_eq!(holder(6_000), Holder::Free, "not renewed for the lease: gone");
         // Renewed, then released.
-        directory.record(3, claim("http://other:8080", "other-1", false), Some(6_500));
-        assert_eq!(held(7_000).as_deref(), Some("http://other:8080"));
-        directory.record(3, claim("http://other:8080", "other-1", true), Some(7_100));
-        assert_eq!(held(7_200), None);
-        // A claim without a timestamp cannot be judged fresh.
-        directory.record(4, claim("http://other:8080", "other-2", false), None);
-        assert_eq!(directory.held_elsewhere(4, 0, LEASE), None);
+        directory.record(3, claim("http://other:8080", "other-1", false), after(start, 6_500));
+        assert_eq!(holder(7_000), other);
+        directory.record(3, claim("http://other:8080", "other-1", true), after(start, 7_100));
+        assert_eq!(holder(7_200), Holder::Free);
     }
 
     #[test]
-    fn nothing_is_free_before_the_topic_is_read_to_its_end() {
+    fn nothing_is_known_before_the_topic_is_read_to_its_end() {
         let directory = InstanceDirectory::new("http://me:8080".into(), "me-1".into());
-        assert!(directory.held_elsewhere(3, 0, LEASE).is_some());
+        let now = Instant::now();
+        assert_eq!(directory.holder(3, now, LEASE), Holder::Unknown);
         directory.set_caught_up();
-        assert_eq!(directory.held_elsewhere(3, 0, LEASE), None);
+        assert_eq!(directory.holder(3, now, LEASE), Holder::Free);
     }
 
     #[test]
     fn old_launches_are_forgotten_beyond_a_bound() {
         let directory = directory();
         for launch in 0..100 {
-            directory.record(3, claim("http://other:8080", &format!("other-{launch}"), true), Some(0));
+            directory.record(
+                3,
+                claim("http://other:8080", &format!("other-{launch}"), true),
+                Instant::now(),
+            );
         }
         let claims = directory.claims.read().unwrap();
         assert_eq!(claims[&3].len(), MAX_CLAIMS_PER_PARTITION);

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use super::kafka::{InputReader, PartitionQueue, Positions};
 use super::offsets::OffsetTracker;
+use super::owners::Holder;
 use super::restore::{read_changelog, Ahead};
 use super::schemas::Schemas;
 use crate::attribution::ConversionRecord;
@@ -353,8 +354,9 @@ impl Task {
     }
 
     /// Waits while another instance may still hold the partition (see `owners`): its claim
-    /// is neither released nor older than the lease. The partition counts as restoring
-    /// meanwhile; the wait is logged, counted, and logged again every half minute.
+    /// is neither released nor older than the lease (or the instances topic is not read yet).
+    /// The partition counts as restoring meanwhile; a wait for another instance is logged,
+    /// counted, and logged again every half minute.
     async fn await_handover(&self) {
         let shared = &self.shared;
         let Ok(index) = u32::try_from(self.partition) else {
@@ -363,18 +365,24 @@ impl Task {
         let lease = shared.config.tasks.ownership_lease;
         let started = Instant::now();
         let mut logged: Option<Instant> = None;
-        while let Some(holder) = shared.owners.held_elsewhere(index, (shared.now)().millis(), lease) {
-            if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
-                if logged.is_none() {
-                    shared.metrics.handover_waits.inc();
+        loop {
+            match shared.owners.holder(index, Instant::now(), lease) {
+                Holder::Free => break,
+                Holder::Unknown => {}
+                Holder::Other(holder) => {
+                    if logged.is_none() {
+                        shared.metrics.handover_waits.inc();
+                    }
+                    if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
+                        tracing::info!(
+                            partition = self.partition,
+                            holder,
+                            waited_seconds = started.elapsed().as_secs_f64(),
+                            "waiting for the partition's previous owner to release it"
+                        );
+                        logged = Some(Instant::now());
+                    }
                 }
-                tracing::info!(
-                    partition = self.partition,
-                    holder,
-                    waited_seconds = started.elapsed().as_secs_f64(),
-                    "waiting for the partition's previous owner to release it"
-                );
-                logged = Some(Instant::now());
             }
             tokio::time::sleep(HANDOVER_POLL).await;
         }
