@@ -30,13 +30,15 @@ pub const CHANGELOG: &str = "lifecycle.state-changelog";
 /// The default identity topic name (merges between partitions); created by the service too.
 pub const IDENTITY: &str = "lifecycle.identity";
 
-/// Creates every topic of [`TOPICS`] on a real broker with `partitions` partitions each.
+/// Creates every topic of [`TOPICS`] on a real broker with `partitions` partitions each, but
+/// the instances topic with one, as deployments create it (docs/operations.md, "Topics"): one
+/// batch per claim renewal rather than one per partition the claims hash to.
 pub async fn create_service_topics(bootstrap: &str, partitions: i32) {
     let specs: Vec<super::broker::TopicSpec<'_>> = TOPICS
         .iter()
         .map(|name| super::broker::TopicSpec {
             name,
-            partitions,
+            partitions: if *name == TOPICS[6] { 1 } else { partitions },
             configs: &[],
         })
         .collect();
