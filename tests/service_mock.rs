@@ -23,10 +23,28 @@ use lifecycle_scorer::domain::{ContactEvent, ContactKey, Source};
 use lifecycle_scorer::partition::partition_for;
 use lifecycle_scorer::state::codec::encode_key;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
 const PARTITIONS: i32 = 4;
+
+/// A one-broker mock cluster with every topic of the service, [`PARTITIONS`] partitions each.
+/// The mock broker has no admin API: the service's own topics are created here too.
+fn mock_cluster() -> MockCluster<'static, DefaultProducerContext> {
+    let cluster = MockCluster::new(1).unwrap();
+    for topic in TOPICS.into_iter().chain([CHANGELOG, IDENTITY]) {
+        cluster.create_topic(topic, PARTITIONS, 1).unwrap();
+    }
+    cluster
+}
+
+/// A producer to `bootstrap` with default settings.
+fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap()
+}
 
 /// `events` as input records: (topic index, key, framed Avro).
 fn records(events: &[ContactEvent]) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
@@ -47,10 +65,7 @@ fn records(events: &[ContactEvent]) -> Vec<(usize, Vec<u8>, Vec<u8>)> {
 
 /// Writes one record to changelog partition 0 (`None`: a tombstone).
 async fn write_changelog(bootstrap: &str, key: &[u8], value: Option<&[u8]>) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
+    let producer = producer(bootstrap);
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(CHANGELOG).key(key).partition(0);
     if let Some(value) = value {
         record = record.payload(value);
@@ -99,12 +114,8 @@ fn owned_partitions(metrics: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_instance_hands_its_partitions_over_without_losing_records() {
-    let cluster = MockCluster::new(1).unwrap();
+    let cluster = mock_cluster();
     let bootstrap = cluster.bootstrap_servers();
-    // The mock broker has no admin API: the service's own topics are created here too.
-    for topic in TOPICS.into_iter().chain([CHANGELOG, IDENTITY]) {
-        cluster.create_topic(topic, PARTITIONS, 1).unwrap();
-    }
     let events = generated_events(1_500, 90, 3);
     let all = records(&events);
     let (first, second) = all.split_at(all.len() / 2);
@@ -240,12 +251,8 @@ async fn fake_registry(id: u32, schema: String) -> (std::net::SocketAddr, Arc<At
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writer_schemas_come_from_the_registry_once_and_unknown_ids_are_dead_lettered() {
-    let cluster = MockCluster::new(1).unwrap();
+    let cluster = mock_cluster();
     let bootstrap = cluster.bootstrap_servers();
-    // The mock broker has no admin API: the service's own topics are created here too.
-    for topic in TOPICS.into_iter().chain([CHANGELOG, IDENTITY]) {
-        cluster.create_topic(topic, PARTITIONS, 1).unwrap();
-    }
     // The upstream team added a field: a backward-compatible change under a new id.
     let mut evolved: serde_json::Value = serde_json::from_str(shipped_schema("purchase_event.avsc").unwrap()).unwrap();
     evolved["fields"]
@@ -328,11 +335,8 @@ async fn settle(service: &RunningService, records: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_instance_restores_its_state_and_goes_on_as_replay_would() {
-    let cluster = MockCluster::new(1).unwrap();
+    let cluster = mock_cluster();
     let bootstrap = cluster.bootstrap_servers();
-    for topic in TOPICS.into_iter().chain([CHANGELOG, IDENTITY]) {
-        cluster.create_topic(topic, PARTITIONS, 1).unwrap();
-    }
     let events = generated_events(1_500, 120, 8);
     let records = records(&events);
     let (first, second) = records.split_at(records.len() / 2);
@@ -422,10 +426,7 @@ async fn a_restarted_instance_restores_its_state_and_goes_on_as_replay_would() {
 /// Writes to the instances topic what another instance's launch `holder` announces about
 /// `partition`: that it holds it, or (`released`) that it has let it go.
 async fn announce_elsewhere(bootstrap: &str, partition: u32, holder: &str, released: bool) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .unwrap();
+    let producer = producer(bootstrap);
     let value =
         serde_json::json!({"owner": "http://elsewhere:8080", "holder": holder, "released": released}).to_string();
     let key = partition.to_string();
@@ -435,11 +436,8 @@ async fn announce_elsewhere(bootstrap: &str, partition: u32, holder: &str, relea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_another_instance_holds_waits_for_its_release_or_its_lease() {
-    let cluster = MockCluster::new(1).unwrap();
+    let cluster = mock_cluster();
     let bootstrap = cluster.bootstrap_servers();
-    for topic in TOPICS.into_iter().chain([CHANGELOG, IDENTITY]) {
-        cluster.create_topic(topic, PARTITIONS, 1).unwrap();
-    }
     const LEASE_MS: u64 = 3000;
     let settings = format!("[service]\nidle_timers = false\nownership_lease_ms = {LEASE_MS}\n");
     // Partition 0 is held by an instance that goes on renewing its claim, partition 1 by one

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -68,7 +68,7 @@ pub(crate) struct InstanceDirectory {
     claims: RwLock<BTreeMap<u32, BTreeMap<String, Claim>>>,
     /// The topic was read to its end once: before that a claim may be unseen.
     caught_up: AtomicBool,
-    sequence: std::sync::atomic::AtomicU64,
+    sequence: AtomicU64,
 }
 
 impl InstanceDirectory {
@@ -79,7 +79,7 @@ impl InstanceDirectory {
             holder,
             claims: RwLock::new(BTreeMap::new()),
             caught_up: AtomicBool::new(false),
-            sequence: std::sync::atomic::AtomicU64::new(0),
+            sequence: AtomicU64::new(0),
         }
     }
 
