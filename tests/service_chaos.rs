@@ -16,7 +16,7 @@
 //! Knobs (environment):
 //! - `LIFECYCLE_CHAOS_CONTACTS`: contacts in the generated year; default 6,000 (44,777 events
 //!   once the second half is clickstream only; under two minutes). `LIFECYCLE_CHAOS_CONTACTS=28000`
-//!   is the full size: 207,145 events (about eleven minutes in the last run).
+//!   is the full size: 207,145 events (two to three minutes in the last runs).
 //! - `LIFECYCLE_CHAOS_SEED`: the schedule's seed (which instance dies, when, for how long);
 //!   every run prints the one it used, random when unset. The moments themselves depend on
 //!   the machine's pace, so a seed repeats the plan, not the exact interleaving.
