@@ -99,4 +99,10 @@ async fn embedded_run_serves_the_endpoints_and_stops_cleanly_on_sigterm() {
         logs.contains("termination signal received") && logs.contains("\"stopped\""),
         "{logs}"
     );
+    // A healthy run logs no error (librdkafka's end-of-partition events are not errors).
+    let errors: Vec<&&str> = lines
+        .iter()
+        .filter(|line| line.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(errors.is_empty(), "errors logged by a healthy run:\n{errors:#?}");
 }

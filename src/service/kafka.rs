@@ -234,6 +234,28 @@ fn log(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
     }
 }
 
+/// Callbacks of the service's helper consumers (the instances-topic follower, the restore
+/// consumers): librdkafka's log routed as the other clients', and errors logged as warnings
+/// but for end-of-partition events, which the consumer's owner reads itself. rust-rdkafka
+/// hands every error event to the context before returning it, so its default context would
+/// log each end of partition as an error.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct HelperContext;
+
+impl ClientContext for HelperContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for HelperContext {}
+
 /// A client error: all brokers down clears `brokers_up`.
 fn client_error(brokers_up: &AtomicBool, error: KafkaError, reason: &str) {
     match error.rdkafka_error_code() {

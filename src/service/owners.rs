@@ -33,6 +33,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::http::OwnerDirectory;
+use crate::service::kafka::HelperContext;
 
 /// One announcement: the value of a record keyed by the partition number.
 #[derive(Debug, Serialize, Deserialize)]
@@ -223,7 +224,7 @@ pub(crate) async fn follow(mut config: ClientConfig, topic: String, directory: A
         .set("enable.partition.eof", "true")
         .set("statistics.interval.ms", "0")
         .set("auto.offset.reset", "earliest");
-    let consumer: StreamConsumer = match config.create() {
+    let consumer: StreamConsumer<HelperContext> = match config.create_with_context(HelperContext) {
         Ok(consumer) => consumer,
         Err(error) => {
             // The other clients share this configuration: the service fails on its own.

@@ -14,6 +14,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::domain::{ContactKey, ContactState, Input};
+use crate::service::kafka::HelperContext;
 use crate::state::codec::{
     decode_checkpoint, decode_handover, decode_key, decode_state, Checkpoint, CHECKPOINT_KEY, HANDOVER_KIND,
     WRITE_BEGUN_KEY,
@@ -159,7 +160,9 @@ pub fn read_changelog(mut config: ClientConfig, topic: &str, partition: i32) -> 
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("statistics.interval.ms", "0");
-    let consumer: BaseConsumer = config.create().context("cannot create the restore consumer")?;
+    let consumer: BaseConsumer<HelperContext> = config
+        .create_with_context(HelperContext)
+        .context("cannot create the restore consumer")?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(30))
         .with_context(|| format!("cannot read the end of changelog partition {partition}"))?;
