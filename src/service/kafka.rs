@@ -207,7 +207,7 @@ impl ClientContext for ReaderContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        client_error(&self.brokers_up, error, reason);
+        client_error(Some(&self.brokers_up), error, reason);
     }
 }
 
@@ -235,10 +235,9 @@ fn log(level: RDKafkaLogLevel, fac: &str, log_message: &str) {
 }
 
 /// Callbacks of the service's helper consumers (the instances-topic follower, the restore
-/// consumers): librdkafka's log routed as the other clients', and errors logged as warnings
-/// but for end-of-partition events, which the consumer's owner reads itself. rust-rdkafka
-/// hands every error event to the context before returning it, so its default context would
-/// log each end of partition as an error.
+/// consumers): librdkafka's log and errors handled as the other clients'. rust-rdkafka hands
+/// every error event to the context before returning it, so its default context would log
+/// each end of partition as an error.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct HelperContext;
 
@@ -248,20 +247,22 @@ impl ClientContext for HelperContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
-            tracing::warn!(%error, reason, "kafka client error");
-        }
+        client_error(None, error, reason);
     }
 }
 
 impl ConsumerContext for HelperContext {}
 
-/// A client error: all brokers down clears `brokers_up`.
-fn client_error(brokers_up: &AtomicBool, error: KafkaError, reason: &str) {
+/// A client error, logged as a warning: all brokers down clears `brokers_up`. End-of-partition
+/// events are not errors: the consumers' owners see them themselves.
+fn client_error(brokers_up: Option<&AtomicBool>, error: KafkaError, reason: &str) {
     match error.rdkafka_error_code() {
-        // The partition tasks see end-of-partition events themselves.
         Some(RDKafkaErrorCode::PartitionEOF) => return,
-        Some(RDKafkaErrorCode::AllBrokersDown) => brokers_up.store(false, Ordering::Relaxed),
+        Some(RDKafkaErrorCode::AllBrokersDown) => {
+            if let Some(up) = brokers_up {
+                up.store(false, Ordering::Relaxed);
+            }
+        }
         _ => {}
     }
     tracing::warn!(%error, reason, "kafka client error");
@@ -277,7 +278,7 @@ impl ClientContext for ServiceContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        client_error(&self.brokers_up, error, reason);
+        client_error(Some(&self.brokers_up), error, reason);
     }
 }
 
