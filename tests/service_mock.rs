@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::broker::{committed_offsets, consume_to_end, end_offsets};
 use common::service::{
-    canonical_changes, generated_events, replay_with_partitions, service_config, sum_samples, RunningService,
+    canonical_changes, generated_events, replay_with_partitions, sample, service_config, sum_samples, RunningService,
     CHANGELOG, IDENTITY, TOPICS,
 };
 use lifecycle_scorer::codec::output::{shipped_input_schema_id, shipped_input_store, shipped_schema};
@@ -116,17 +116,12 @@ fn owned_partitions(metrics: &str) -> usize {
 /// and is 0 for each: every record up to the end offsets is finished. The counts alone can be
 /// met early, as records read twice make up for some not read yet.
 fn caught_up(metrics: &str) -> bool {
-    let lags: Vec<f64> = metrics
-        .lines()
-        .filter(|line| line.starts_with("lifecycle_consumer_lag_records{"))
-        .filter(|line| {
-            TOPICS[..3]
-                .iter()
-                .any(|topic| line.contains(&format!("topic=\"{topic}\"")))
+    TOPICS[..3].iter().all(|topic| {
+        (0..PARTITIONS).all(|partition| {
+            let series = format!("lifecycle_consumer_lag_records{{partition=\"{partition}\",topic=\"{topic}\"}}");
+            sample(metrics, &series) == Some(0.0)
         })
-        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
-        .collect();
-    lags.len() == 3 * PARTITIONS as usize && lags.iter().all(|lag| *lag == 0.0)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -20,7 +20,7 @@ mod task;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -155,7 +155,7 @@ pub async fn run_with_metrics(
         positions: consumer.context().positions.clone(),
         topics: task::OutputTopics::new(&service.topics),
         partitions,
-        restoring: std::sync::atomic::AtomicUsize::new(0),
+        restoring: AtomicUsize::new(0),
         restore_slots: tokio::sync::Semaphore::new(task::RESTORE_CONCURRENCY),
         owners: directory.clone(),
         now: options.now,
@@ -274,7 +274,7 @@ pub async fn run_with_metrics(
 /// A token unique to this launch of the service (process, start time, launch within the
 /// process), naming its claims.
 fn launch_token(started: Timestamp) -> String {
-    static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static LAUNCHES: AtomicU64 = AtomicU64::new(0);
     format!(
         "{}-{}-{}",
         std::process::id(),
